@@ -1,0 +1,238 @@
+"""Checkpoints: atomic training state (accelerate), model-only export, safe loading.
+
+Layout of a run folder (``run.output_dir``)::
+
+    resolved_recipe.yaml     the recipe as validated, every default filled in
+    model.safetensors        model-only export: weights + metadata (architecture, classes, run id)
+    metrics.json             final evaluation (written last: its presence means "complete")
+    metrics.jsonl            one JSON line per logged event (ffcv-imagenet style)
+    checkpoints/step_000001234/   accelerate state + trainer_state.json, renamed into place
+
+Nothing here unpickles arbitrary objects: models are safetensors; accelerate loads optimizer,
+scheduler and RNG states with ``torch.load(weights_only=True)``; our own counters are JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from nt_dist.errors import UserError, warn
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "trainer_state.json"
+CHECKPOINTS = "checkpoints"
+FORMAT = "nt_dist.model/1"
+
+
+@dataclass
+class TrainState:
+    """Counters that, with the accelerate state, make a run resumable at any step boundary."""
+
+    epoch: int = 0  # epoch in progress (0-based)
+    step_in_epoch: int = 0  # optimizer steps already taken in ``epoch``
+    global_step: int = 0
+    mlflow_run_id: str = ""
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- model export
+
+
+def export_model(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Model-only export as safetensors (loadable without pickle), written atomically."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    meta = {"format": FORMAT, **{k: str(v) for k, v in metadata.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def resolve_model_file(path: str, key: str) -> Path:
+    """``path`` is a ``model.safetensors`` file or the run folder holding one."""
+    candidate = Path(path)
+    if candidate.is_dir():
+        candidate = candidate / MODEL_FILE
+    if not candidate.is_file():
+        raise UserError(f"{key}: {candidate} not found (expected a model.safetensors written by nt-dist, "
+                        "or the run folder holding it)")
+    return candidate
+
+
+def read_model_file(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of an exported model. Pickles are refused unless they hold only
+    tensors (``torch.load(weights_only=True)``), so no file can run code on load."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError) as safetensors_error:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any failure here is "not a model file"
+            if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+                raise UserError(f"{key}: {path}: refusing to unpickle: the file holds objects that "
+                                "would run code on load; export it as safetensors") from None
+            raise UserError(f"{key}: {path}: not a readable model file ({safetensors_error})") from None
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise UserError(f"{key}: {path}: not a state dict of tensors")
+        return obj, {}
+
+
+def load_frozen_model(
+    architecture: str,
+    checkpoint: str,
+    num_classes: int,
+    key: str,
+    create: Callable[[str, int], torch.nn.Module],
+) -> tuple[torch.nn.Module, dict[str, str]]:
+    """Build the frozen adversary/teacher named in a recipe and load its exported weights.
+
+    ``architecture`` empty means the one recorded in the file. A mismatch in architecture or
+    class count is a one-line error naming ``key`` (e.g. ``nasty.adversary_checkpoint``).
+    """
+    path = resolve_model_file(checkpoint, key)
+    tensors, meta = read_model_file(path, key)
+    recorded = meta.get("architecture", "")
+    name = architecture or recorded
+    if not name:
+        raise UserError(f"{key}: {path} records no architecture; name it in the recipe")
+    if architecture and recorded and architecture != recorded:
+        raise UserError(f"{key}: {path} holds a {recorded!r} but the recipe asks for {architecture!r}")
+    if meta.get("num_classes") and int(meta["num_classes"]) != num_classes:
+        raise UserError(f"{key}: {path} has {meta['num_classes']} classes but the data set has {num_classes}")
+    model = create(name, num_classes)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1:2] or [str(exc)]
+        raise UserError(f"{key}: {path} does not fit {name!r} with {num_classes} classes: "
+                        f"{first[0].strip()}") from None
+    model.eval().requires_grad_(False)
+    return model, meta
+
+
+# ----------------------------------------------------------------------------- training state
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, newest first (temporary folders are never listed)."""
+    root = output_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")), reverse=True)
+
+
+def save_training_state(accelerator: Any, output_dir: Path, state: TrainState, keep_last: int) -> Path:
+    """Write the whole training state for ``state.global_step`` and rename it into place.
+
+    Every process writes its part (RNG states; shards under DeepSpeed) into one temporary
+    folder; after a barrier the main process writes the counters last, renames the folder to
+    ``step_<n>`` (atomic on POSIX) and prunes all but the newest ``keep_last``.
+    """
+    root = output_dir / CHECKPOINTS
+    final = root / f"step_{state.global_step:09d}"
+    tmp = root / f".tmp-step_{state.global_step:09d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_text(tmp / STATE_FILE, json.dumps(asdict(state), indent=1))
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in checkpoint_dirs(output_dir)[keep_last:]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_training_state(accelerator: Any, directory: Path) -> TrainState:
+    """Restore model, optimizer, scheduler and RNG states from ``directory``; return counters."""
+    state_file = directory / STATE_FILE
+    try:
+        counters = json.loads(state_file.read_text(encoding="utf-8"))
+        state = TrainState(**counters)
+    except (OSError, ValueError, TypeError) as exc:
+        raise CorruptCheckpoint(f"{state_file}: unreadable ({exc})") from None
+    rng = directory / f"random_states_{accelerator.process_index}.pkl"
+    if not rng.is_file():
+        raise CorruptCheckpoint(f"{rng}: missing")
+    try:
+        accelerator.load_state(str(directory))
+    except Exception as exc:  # noqa: BLE001 - any failure means this checkpoint is unusable
+        raise CorruptCheckpoint(f"{directory}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    return state
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint folder that cannot be restored (truncated, edited, from another model)."""
+
+
+def resume(accelerator: Any, output_dir: Path, resume_from: str) -> TrainState | None:
+    """Restore the run per ``run.resume``: ``auto`` takes the newest checkpoint that loads
+    (falling back to older ones with a warning), ``never`` none, anything else that folder."""
+    if resume_from == "never":
+        return None
+    if resume_from != "auto":
+        directory = Path(resume_from)
+        if not (directory / STATE_FILE).is_file():
+            raise UserError(f"run.resume: {directory} is not a checkpoint folder (no {STATE_FILE})")
+        try:
+            return load_training_state(accelerator, directory)
+        except CorruptCheckpoint as exc:
+            raise UserError(f"run.resume: {exc}") from None
+    for directory in checkpoint_dirs(output_dir):
+        try:
+            return load_training_state(accelerator, directory)
+        except CorruptCheckpoint as exc:
+            warn(f"skipping unusable checkpoint: {exc}; trying an older one")
+    return None

@@ -1,0 +1,262 @@
+"""Recipes: one YAML file per experiment, validated into frozen, typed dataclasses.
+
+A recipe flows ``YAML -> load_recipe(path, overrides) -> Recipe``; each component then
+receives only its own section. Unknown keys, wrong types and out-of-range values are a
+:class:`~nt_dist.errors.UserError` whose one line names the file and the dotted key.
+
+Validation is pydantic's (strict about unknown keys, lax about ``"0.1"`` -> ``0.1`` so that
+``--set optim.lr=0.1`` works); the sections stay plain frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
+
+from nt_dist.errors import UserError
+
+_STRICT = ConfigDict(extra="forbid", validate_default=True)
+
+Role = Literal["teacher", "nasty", "student", "baseline"]
+
+
+@dataclass(frozen=True, config=_STRICT)
+class RunConfig:
+    """What to train and where its outputs go.
+
+    ``role``: ``teacher`` and ``baseline`` train with cross-entropy (a normal teacher; a student
+    trained alone); ``nasty`` trains with the self-undermining loss against ``nasty.adversary``;
+    ``student`` distils from ``distill.teacher``.
+    """
+
+    name: str = "run"
+    role: Role = "teacher"
+    output_dir: str = "runs/run"
+    epochs: int = Field(default=1, ge=1)
+    seed: int = 0
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto: continue from the newest complete checkpoint in output_dir if there is one;
+    # never: always start fresh; anything else: a checkpoint directory to continue from.
+    resume: str = "auto"
+    checkpoint_every_steps: int = Field(default=0, ge=0)  # 0: only at the end of each epoch
+    keep_last: int = Field(default=2, ge=1)  # complete checkpoints kept on disk
+    max_steps: int = Field(default=0, ge=0)  # 0: no limit; >0 stops early (smoke tests)
+    progress: bool = True  # tqdm bar on rank 0
+
+
+@dataclass(frozen=True, config=_STRICT)
+class DataConfig:
+    """Which data set, in its original layout, and how it is fed."""
+
+    name: str = "digits"  # digits | cifar10 | cifar100 | tinyimagenet | imagefolder
+    root: str = ""  # folder holding the data set as distributed (unused for digits)
+    image_size: int = Field(default=16, ge=4)
+    batch_size: int = Field(default=64, ge=1)  # per process
+    eval_batch_size: int = Field(default=256, ge=1)  # per process
+    num_workers: int = Field(default=0, ge=0)
+    loader: Literal["torch", "ffcv"] = "torch"
+    ffcv_dir: str = ""  # folder with train.beton / val.beton (ffcv loader)
+    # none | shift (±2 px translate) | pad_crop_flip (CIFAR) | rotate_flip (the authors'
+    # Tiny-ImageNet pipeline: ±20° rotation + flip) | rrc_flip (ImageNet-style)
+    augment: Literal["none", "shift", "pad_crop_flip", "rotate_flip", "rrc_flip"] = "shift"
+    train_subset: int = Field(default=0, ge=0)  # 0: all; >0: first N training samples
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ModelConfig:
+    """The network being trained: any name of ``nt_dist.models`` or timm."""
+
+    name: str = "cifar_cnn"
+    num_classes: int = Field(default=0, ge=0)  # 0: the data set's class count
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = False  # SyncBatchNorm across processes (exact large-batch BN statistics)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class OptimConfig:
+    """Optimizer and learning-rate schedule (torch's; units are epochs unless named)."""
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(default=0.05, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(default=5e-4, ge=0)
+    schedule: Literal["constant", "multistep", "cosine"] = "cosine"
+    milestones: tuple[int, ...] = ()  # epochs at which multistep multiplies lr by gamma
+    gamma: float = Field(default=0.1, gt=0)
+    warmup_epochs: float = Field(default=0.0, ge=0)
+    grad_clip: float = Field(default=0.0, ge=0)  # max global grad norm; 0: no clipping
+
+
+@dataclass(frozen=True, config=_STRICT)
+class NastyConfig:
+    """Self-undermining KD: ``CE(f_T, y) - omega * tau^2 * KL(σ_τ(f_T) ‖ σ_τ(f_A))``."""
+
+    adversary: str = ""  # architecture of f_A; "" means: the one recorded in the checkpoint
+    adversary_checkpoint: str = ""  # model.safetensors of f_A, or the run folder holding it
+    tau: float = Field(default=4.0, gt=0)
+    omega: float = Field(default=0.04, ge=0)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class DistillConfig:
+    """Hinton KD: ``alpha * tau^2 * KL(σ_τ(f_T) ‖ σ_τ(f_S)) + (1 - alpha) * CE(f_S, y)``."""
+
+    teacher: str = ""  # architecture of f_T; "" means: the one recorded in the checkpoint
+    teacher_checkpoint: str = ""  # model.safetensors of f_T, or the run folder holding it
+    tau: float = Field(default=4.0, gt=0)
+    alpha: float = Field(default=0.9, ge=0, le=1)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TrackingConfig:
+    """MLflow. ``uri`` empty: ``$MLFLOW_TRACKING_URI`` or the embedded SQLite store."""
+
+    enabled: bool = True
+    experiment: str = "nt_dist"
+    uri: str = ""
+    run_name: str = ""  # "" : run.name
+    timeout_s: float = Field(default=60.0, ge=0)  # wait this long for MLflow at start and at the end
+
+
+@dataclass(frozen=True, config=_STRICT)
+class Recipe:
+    """A whole experiment. Sections are independent; cross-section rules live in ``_check``."""
+
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    nasty: NastyConfig = dataclasses.field(default_factory=NastyConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+
+
+def load_recipe(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read ``path`` (YAML), apply ``section.key=value`` overrides, validate, return a Recipe.
+
+    Relative paths inside the recipe stay relative to the working directory, as typed.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: recipe file not found") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read recipe ({exc.strerror})") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserError(f"{path}: unreadable YAML{where}: {problem}") from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: a recipe is a mapping of sections (run, data, model, ...)")
+    for item in overrides:
+        _apply_override(tree, item, path)
+    return recipe_from_dict(tree, source=str(path))
+
+
+def recipe_from_dict(tree: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    """Validate a nested dict into a Recipe; errors name ``source`` and the dotted key."""
+    try:
+        recipe = pydantic.TypeAdapter(Recipe).validate_python(tree)
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise UserError(f"{source}: {key}: {_describe(err, key)}") from None
+    _check(recipe, source)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain nested dicts/lists (what ``resolved_recipe.yaml`` holds)."""
+    tree = dataclasses.asdict(recipe)
+    for section in tree.values():
+        for key, value in section.items():
+            if isinstance(value, tuple):
+                section[key] = list(value)
+    return tree
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}`` (MLflow params)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def replace(recipe: Recipe, **sections: dict[str, Any]) -> Recipe:
+    """A copy of ``recipe`` with some fields of some sections changed, validated again."""
+    tree = recipe_to_dict(recipe)
+    for name, changes in sections.items():
+        tree[name].update(changes)
+    return recipe_from_dict(tree)
+
+
+def _apply_override(tree: dict[str, Any], item: str, path: Path) -> None:
+    key, sep, raw = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise UserError(f"--set {item!r}: expected section.key=value (e.g. optim.lr=0.1)")
+    section, field = parts
+    if section in tree and not isinstance(tree[section], dict):
+        raise UserError(f"{path}: {section}: must be a mapping")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    tree.setdefault(section, {})[field] = value
+
+
+def _describe(err: dict[str, Any], key: str) -> str:
+    kind = err["type"]
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        return "unknown key" + _known_keys(err["loc"])
+    if kind == "literal_error":
+        return f"got {err['input']!r}; {err['msg'][0].lower()}{err['msg'][1:]}"
+    if kind in ("dataclass_type", "dataclass_args_type"):
+        return "must be a mapping of keys"
+    return f"{err['msg'][0].lower()}{err['msg'][1:]} (got {err['input']!r})"
+
+
+def _known_keys(loc: tuple[Any, ...]) -> str:
+    if len(loc) == 2:
+        section = {f.name: f.type for f in dataclasses.fields(Recipe)}.get(str(loc[0]))
+        cls = globals().get(section) if isinstance(section, str) else section
+        if cls is not None:
+            return "; expected one of: " + ", ".join(f.name for f in dataclasses.fields(cls))
+    if len(loc) == 1:
+        return "; expected a section: " + ", ".join(f.name for f in dataclasses.fields(Recipe))
+    return ""
+
+
+def _check(recipe: Recipe, source: str) -> None:
+    """Rules that span sections."""
+    role = recipe.run.role
+    if role == "nasty" and not recipe.nasty.adversary_checkpoint:
+        raise UserError(f"{source}: nasty.adversary_checkpoint: required when run.role is nasty")
+    if role == "student" and not recipe.distill.teacher_checkpoint:
+        raise UserError(f"{source}: distill.teacher_checkpoint: required when run.role is student")
+    if recipe.optim.schedule == "multistep" and not recipe.optim.milestones:
+        raise UserError(f"{source}: optim.milestones: required when optim.schedule is multistep")
+    if any(m <= 0 or m > recipe.run.epochs for m in recipe.optim.milestones):
+        raise UserError(f"{source}: optim.milestones: each must lie in 1..run.epochs ({recipe.run.epochs})")
+    if recipe.data.name != "digits" and recipe.data.loader == "torch" and not recipe.data.root:
+        raise UserError(f"{source}: data.root: required for data set {recipe.data.name!r}")

@@ -1,0 +1,118 @@
+"""Data sets in their original distribution layouts, and the two input paths that feed them.
+
+``build_dataset(name, root, split)`` gives a map-style dataset of ``(PIL image, int label)``
+with no augmentation; ``build_data(cfg, ...)`` gives the training and evaluation sources the
+training loop iterates, through FFCV (``data.loader: ffcv``) or torchvision + DataLoader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol
+
+import torch
+
+from nt_dist.config import DataConfig
+from nt_dist.data.torch_loader import SeededTransformDataset, TorchEvalSource, TorchTrainSource
+from nt_dist.data.transforms import build_transform
+from nt_dist.errors import UserError, warn
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+# name -> (training split, evaluation split)
+SPLITS: dict[str, tuple[str, str]] = {
+    "digits": ("train", "test"),
+    "cifar10": ("train", "test"),
+    "cifar100": ("train", "test"),
+    "tinyimagenet": ("train", "val"),
+    "imagefolder": ("train", "val"),
+}
+
+
+class TrainSource(Protocol):
+    steps_per_epoch: int
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]: ...
+
+
+class EvalSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def batches(self) -> Iterator[Batch]: ...
+
+
+@dataclass
+class DataBundle:
+    train: TrainSource
+    eval: EvalSource
+    num_classes: int
+    train_size: int
+
+
+def build_dataset(name: str, root: str, split: str) -> Any:
+    """A map-style dataset of ``(image, label)`` read from ``root`` in its original layout."""
+    if name not in SPLITS:
+        raise UserError(f"data.name: unknown data set {name!r}; expected one of: {', '.join(SPLITS)}")
+    if split not in SPLITS[name]:
+        raise UserError(f"data set {name!r} has splits {' and '.join(SPLITS[name])}, not {split!r}")
+    if name == "digits":
+        from nt_dist.data.digits import DigitsDataset
+
+        return DigitsDataset(split)
+    if name in ("cifar10", "cifar100"):
+        from nt_dist.data.cifar import CifarDataset
+
+        return CifarDataset(root, split, num_classes=10 if name == "cifar10" else 100)
+    if name == "tinyimagenet":
+        from nt_dist.data.folders import TinyImageNetDataset
+
+        return TinyImageNetDataset(root, split)
+    from nt_dist.data.folders import ImageFolderDataset
+
+    return ImageFolderDataset(root, split)
+
+
+def num_classes_of(dataset: Any) -> int:
+    return len(dataset.classes)
+
+
+def build_data(cfg: DataConfig, seed: int, rank: int, world: int, device: torch.device) -> DataBundle:
+    """Training and evaluation sources for this process (rank ``rank`` of ``world``)."""
+    if cfg.loader == "ffcv":
+        try:
+            from nt_dist.data.ffcv_loader import build_ffcv_data
+        except ImportError as exc:
+            warn(f"ffcv is not importable ({exc}); using the torchvision loader")
+        else:
+            return build_ffcv_data(cfg, seed, rank, world, device)
+    train_split, eval_split = SPLITS[cfg.name] if cfg.name in SPLITS else ("train", "test")
+    train_base = build_dataset(cfg.name, cfg.root, train_split)
+    eval_base = build_dataset(cfg.name, cfg.root, eval_split)
+    if cfg.train_subset:
+        train_base = _Subset(train_base, cfg.train_subset)
+    train = SeededTransformDataset(
+        train_base, build_transform(cfg.name, cfg.augment, cfg.image_size, train=True), seed)
+    evaluation = SeededTransformDataset(
+        eval_base, build_transform(cfg.name, cfg.augment, cfg.image_size, train=False), seed)
+    if len(train) < cfg.batch_size * world:
+        raise UserError(f"data.batch_size: {cfg.batch_size} x {world} processes exceeds the "
+                        f"{len(train)} training images")
+    return DataBundle(
+        train=TorchTrainSource(train, cfg.name, cfg.batch_size, seed, rank, world, cfg.num_workers, device),
+        eval=TorchEvalSource(evaluation, cfg.name, cfg.eval_batch_size, rank, world, cfg.num_workers, device),
+        num_classes=num_classes_of(train_base),
+        train_size=len(train),
+    )
+
+
+class _Subset:
+    """The first ``n`` samples (keeps ``classes``)."""
+
+    def __init__(self, base: Any, n: int) -> None:
+        self.base, self.n, self.classes = base, min(n, len(base)), base.classes
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> Any:
+        return self.base[index]

@@ -1,0 +1,477 @@
+"""The training loop: one step function per role, one epoch function, one run function.
+
+Launch it as ``accelerate launch [options] -m nt_dist.train RECIPE.yaml [--set k=v ...]``
+(any number of processes; gloo on CPU, NCCL on GPU) or ``nt-dist train RECIPE`` (one process).
+
+Roles (``run.role``):
+  teacher, baseline  ``CE(f(x), y)``
+  nasty              ``CE(f_T(x), y) − ω·τ²·KL(σ_τ(f_T(x)) ‖ σ_τ(f_A(x)))``, f_A frozen
+  student            ``α·τ²·KL(σ_τ(f_T(x)) ‖ σ_τ(f_S(x))) + (1−α)·CE(f_S(x), y)``, f_T frozen
+The frozen network is never handed to ``accelerator.prepare`` (no DDP wrapper, no gradient
+sync, no optimizer state): it runs in eval mode under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+
+from nt_dist import __version__, checkpoint
+from nt_dist.checkpoint import TrainState
+from nt_dist.config import Recipe, flatten, load_recipe, recipe_to_dict
+from nt_dist.data import DataBundle, build_data
+from nt_dist.errors import EXIT_USER_ERROR, UserError
+from nt_dist.losses import kd_loss, nasty_teacher_loss
+from nt_dist.models import UnknownModelError, create_model
+from nt_dist.optim import build_optimizer, build_scheduler
+from nt_dist.tracking import Tracker
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on SIGTERM/SIGUSR1; cluster/slurm requeues on it
+StepFn = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]
+
+
+# ============================================================================ step functions
+
+
+def ce_step(model: nn.Module, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """Normal training (teacher, baseline student): ``CE(f(x), y)``."""
+    logits = model(images)
+    ce = F.cross_entropy(logits.float(), labels)
+    return {"loss": ce, "logits": logits, "ce": ce.detach()}
+
+
+def frozen_logits(frozen: nn.Module, images: Tensor) -> Tensor:
+    """Logits of the frozen adversary/teacher: eval mode, inference mode, no autograd graph.
+    The clone turns the inference tensor into one autograd may save for the loss's backward."""
+    with torch.inference_mode():
+        logits = frozen(images)
+    return logits.clone()
+
+
+def nasty_step(model: nn.Module, images: Tensor, labels: Tensor, *, adversary: nn.Module,
+               tau: float, omega: float) -> dict[str, Tensor]:
+    """Self-undermining KD against the frozen adversary (Ma et al., 2021)."""
+    adversary_logits = frozen_logits(adversary, images)
+    logits = model(images)
+    loss, parts = nasty_teacher_loss(logits, adversary_logits, labels, omega, tau, return_parts=True)
+    return {"loss": loss, "logits": logits, **parts}
+
+
+def student_step(model: nn.Module, images: Tensor, labels: Tensor, *, teacher: nn.Module,
+                 tau: float, alpha: float) -> dict[str, Tensor]:
+    """Hinton KD from the frozen teacher (Hinton et al., 2015)."""
+    teacher_logits = frozen_logits(teacher, images)
+    logits = model(images)
+    loss, parts = kd_loss(logits, teacher_logits, labels, alpha, tau, return_parts=True)
+    return {"loss": loss, "logits": logits, **parts}
+
+
+# ============================================================================ run context
+
+
+@dataclass
+class Run:
+    """What the epoch function needs; built once by :func:`setup`."""
+
+    recipe: Recipe
+    accelerator: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    data: DataBundle
+    step_fn: StepFn
+    tracker: Tracker
+    state: TrainState
+    output_dir: Path
+    lineage: dict[str, str] = field(default_factory=dict)
+    preempt: "Preemption | None" = None
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+class Preempted(Exception):
+    pass
+
+
+class Preemption:
+    """SIGTERM/SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits
+    with ``EXIT_PREEMPTED``. All ranks agree through one all-reduce per step (multi-process)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def agreed(self, accelerator: Any) -> bool:
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def build_accelerator(recipe: Recipe) -> Any:
+    """Accelerate decides the process layout; the recipe decides the precision. On a machine
+    without CUDA the process group uses gloo (accelerate would otherwise pick NCCL)."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    precision = recipe.run.precision
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("run.precision: fp16 needs a GPU; use bf16 or no on CPU")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    backend = {"backend": "gloo"} if distributed and not torch.cuda.is_available() else {}
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=10), **backend)]
+    return Accelerator(mixed_precision=precision, kwargs_handlers=handlers,
+                       step_scheduler_with_optimizer=False)
+
+
+def make_model(name: str, num_classes: int, key: str = "model.name") -> nn.Module:
+    try:
+        return create_model(name, num_classes=num_classes)
+    except UnknownModelError as exc:
+        raise UserError(f"{key}: {exc}") from None
+
+
+def build_frozen(recipe: Recipe, num_classes: int, device: torch.device) -> tuple[StepFn, dict[str, str]]:
+    """The role's step function, with its frozen network loaded, and lineage tags."""
+    role = recipe.run.role
+    if role in ("teacher", "baseline"):
+        return ce_step, {}
+    if role == "nasty":
+        cfg, key, kind = recipe.nasty, "nasty.adversary_checkpoint", "adversary"
+        name, path = cfg.adversary, cfg.adversary_checkpoint
+    else:
+        cfg, key, kind = recipe.distill, "distill.teacher_checkpoint", "teacher"
+        name, path = cfg.teacher, cfg.teacher_checkpoint
+    frozen, meta = checkpoint.load_frozen_model(
+        name, path, num_classes, key, partial(_frozen_model, key=key.replace("_checkpoint", "")))
+    frozen = frozen.to(device)
+    if recipe.model.channels_last:
+        frozen = frozen.to(memory_format=torch.channels_last)
+    lineage = {f"{kind}_checkpoint": str(Path(path).resolve()),
+               f"{kind}_architecture": meta.get("architecture", name),
+               f"{kind}_run_id": meta.get("mlflow_run_id", "")}
+    if role == "nasty":
+        step = partial(nasty_step, adversary=frozen, tau=recipe.nasty.tau, omega=recipe.nasty.omega)
+    else:
+        step = partial(student_step, teacher=frozen, tau=recipe.distill.tau, alpha=recipe.distill.alpha)
+    return step, lineage
+
+
+def _frozen_model(name: str, num_classes: int, key: str) -> nn.Module:
+    return make_model(name, num_classes, key)
+
+
+def setup(recipe: Recipe, source: str) -> Run:
+    """Everything before the first step: processes, data, model, optimizer, resume, tracking."""
+    accelerator = build_accelerator(recipe)
+    from accelerate.utils import set_seed
+
+    set_seed(recipe.run.seed)
+    output_dir = Path(recipe.run.output_dir)
+    data = build_data(recipe.data, recipe.run.seed, accelerator.process_index,
+                      accelerator.num_processes, accelerator.device)
+    num_classes = recipe.model.num_classes or data.num_classes
+    if num_classes != data.num_classes:
+        raise UserError(f"{source}: model.num_classes: {num_classes} but {recipe.data.name} has "
+                        f"{data.num_classes} classes")
+    model = make_model(recipe.model.name, num_classes)
+    if recipe.model.sync_bn and accelerator.num_processes > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if recipe.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step_fn, lineage = build_frozen(recipe, num_classes, accelerator.device)
+    optimizer = build_optimizer(model, recipe.optim)
+    scheduler = build_scheduler(optimizer, recipe.optim, recipe.run.epochs, data.train.steps_per_epoch)
+    if recipe.model.compile:
+        model = torch.compile(model)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if recipe.run.resume == "never" and accelerator.is_main_process:
+        for old in checkpoint.checkpoint_dirs(output_dir):
+            import shutil
+
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    state = checkpoint.resume(accelerator, output_dir, recipe.run.resume) or TrainState()
+    tracker = Tracker(recipe.tracking, output_dir, active=accelerator.is_main_process)
+    return Run(recipe, accelerator, model, optimizer, scheduler, data, step_fn, tracker, state,
+               output_dir, lineage)
+
+
+# ============================================================================ epoch and evaluation
+
+
+def train_epoch(run: Run, epoch: int) -> dict[str, float]:
+    """One pass over the training set from ``run.state.step_in_epoch``; returns epoch means."""
+    acc, recipe, state = run.accelerator, run.recipe, run.state
+    run.model.train()
+    steps = run.data.train.steps_per_epoch
+    sums: dict[str, Tensor] = {}
+    window: list[tuple[int, dict[str, Tensor]]] = []
+    seen, taken, started = 0, 0, time.perf_counter()
+    bar = _progress(acc, recipe, steps, state.step_in_epoch, epoch)
+    batches: Iterator[tuple[Tensor, Tensor]] = run.data.train.epoch(epoch, state.step_in_epoch)
+    for images, labels in batches:
+        if recipe.model.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with acc.autocast():
+            out = run.step_fn(run.model, images, labels)
+        run.optimizer.zero_grad(set_to_none=True)
+        acc.backward(out["loss"])
+        if recipe.optim.grad_clip > 0:
+            acc.clip_grad_norm_(run.model.parameters(), recipe.optim.grad_clip)
+        run.optimizer.step()
+        run.scheduler.step()
+        state.step_in_epoch += 1
+        state.global_step += 1
+        seen += labels.shape[0]
+        taken += 1
+        parts = {k: v.detach() for k, v in out.items() if k != "logits"}
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0) + v.float()
+        window.append((state.global_step, parts))
+        last = state.step_in_epoch == steps
+        if len(window) >= 10 or last:
+            _check_finite(window, epoch)
+            if bar is not None:
+                bar.set_postfix(loss=f"{window[-1][1]['loss'].item():.4f}")
+            window = []
+        if bar is not None:
+            bar.update(1)
+        if _should_stop(run):
+            raise Preempted()
+        if recipe.run.checkpoint_every_steps and state.global_step % recipe.run.checkpoint_every_steps == 0 \
+                and not last:
+            checkpoint.save_training_state(acc, run.output_dir, state, recipe.run.keep_last)
+        if recipe.run.max_steps and state.global_step >= recipe.run.max_steps:
+            break
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - started
+    means = {f"train_{k}": float(acc.reduce((v / max(1, taken)).reshape(1), reduction="mean").item())
+             for k, v in sums.items()}
+    means["images_per_s"] = seen * acc.num_processes / max(elapsed, 1e-9)
+    means["epoch_time_s"] = elapsed
+    return means
+
+
+def _check_finite(window: list[tuple[int, dict[str, Tensor]]], epoch: int) -> None:
+    """One host sync per window: find the first step whose loss is NaN/Inf and name it."""
+    losses = torch.stack([parts["loss"].float() for _, parts in window]).tolist()
+    for (step, parts), loss in zip(window, losses):
+        if not math.isfinite(loss):
+            detail = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
+            raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {epoch}): {detail}")
+
+
+def _should_stop(run: Run) -> bool:
+    return run.preempt is not None and run.preempt.agreed(run.accelerator)
+
+
+def _progress(acc: Any, recipe: Recipe, steps: int, start: int, epoch: int) -> Any:
+    if not (acc.is_main_process and recipe.run.progress):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, initial=start, desc=f"{recipe.run.name} epoch {epoch + 1}/{recipe.run.epochs}",
+                dynamic_ncols=True, leave=False, file=sys.stderr)
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict[str, float]:
+    """Top-1/top-5 (percent) and CE over the evaluation split. Each rank scores a disjoint,
+    unpadded shard; the sums are all-reduced, so every sample counts exactly once."""
+    acc = run.accelerator
+    model = acc.unwrap_model(run.model)  # no DDP forward: shards may differ by one batch
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=acc.device)  # top1, top5, ce, count
+    with torch.inference_mode():
+        for images, labels in run.data.eval.batches():
+            if run.recipe.model.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with acc.autocast():
+                logits = model(images)
+            logits = logits.float()
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            hit = top.eq(labels[:, None])
+            totals += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(),
+                                   F.cross_entropy(logits, labels, reduction="sum"),
+                                   torch.tensor(labels.shape[0], device=logits.device)]).double()
+    totals = acc.reduce(totals.clone(), reduction="sum")
+    top1, top5, ce, count = totals.tolist()
+    if int(count) != len(run.data.eval):
+        raise RuntimeError(f"evaluation counted {int(count)} samples, expected {len(run.data.eval)}")
+    return {"test_top1": 100.0 * top1 / count, "test_top5": 100.0 * top5 / count, "test_ce": ce / count}
+
+
+# ============================================================================ run
+
+
+def describe(recipe: Recipe) -> dict[str, str]:
+    """MLflow tags that make lineage visible in the UI."""
+    return {"role": recipe.run.role, "dataset": recipe.data.name, "architecture": recipe.model.name,
+            "nt_dist_version": __version__, "mlflow.runName": recipe.tracking.run_name or recipe.run.name}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(recipe: Recipe, source: str = "<recipe>") -> dict[str, float]:
+    """Train what ``recipe`` describes; returns the final evaluation metrics."""
+    output_dir = Path(recipe.run.output_dir)
+    done = output_dir / "metrics.json"
+    if recipe.run.resume == "auto" and done.is_file():
+        return json.loads(done.read_text())["final"]
+    run = setup(recipe, source)
+    acc, state = run.accelerator, run.state
+    if acc.is_main_process:
+        checkpoint.atomic_write_text(output_dir / "resolved_recipe.yaml",
+                                     yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    tags = {**describe(recipe), **run.lineage}
+    state.mlflow_run_id = run.tracker.start(recipe.tracking.run_name or recipe.run.name,
+                                            flatten(recipe_to_dict(recipe)), tags, state.mlflow_run_id)
+    run.preempt = Preemption()
+    run.preempt.install()
+    status = "FAILED"
+    try:
+        final = _loop(run)
+        status = "FINISHED"
+        return final
+    except Preempted:
+        checkpoint.save_training_state(acc, output_dir, state, recipe.run.keep_last)
+        status = "KILLED"
+        raise
+    finally:
+        run.preempt.uninstall()
+        run.tracker.finish(status)
+
+
+def _loop(run: Run) -> dict[str, float]:
+    recipe, acc, state = run.recipe, run.accelerator, run.state
+    steps = run.data.train.steps_per_epoch
+    metrics: dict[str, float] = {}
+    run.tracker.log_artifact(run.output_dir / "resolved_recipe.yaml")
+    while state.epoch < recipe.run.epochs:
+        epoch = state.epoch
+        lr = run.optimizer.param_groups[0]["lr"]
+        train_metrics = train_epoch(run, epoch)
+        stopped_early = bool(recipe.run.max_steps) and state.global_step >= recipe.run.max_steps
+        metrics = {**train_metrics, **evaluate(run), "lr": lr, "epoch": epoch + 1,
+                   "peak_memory_mb": peak_memory_mb(acc.device)}
+        run.tracker.log_metrics(metrics, step=state.global_step)
+        if acc.is_main_process:
+            _print_epoch(recipe, epoch, metrics)
+        if state.step_in_epoch >= steps:
+            state.epoch, state.step_in_epoch = epoch + 1, 0
+        state.mlflow_run_id = run.tracker.run_id or state.mlflow_run_id
+        checkpoint.save_training_state(acc, run.output_dir, state, recipe.run.keep_last)
+        if stopped_early:
+            break
+    if not metrics:  # resumed after the last epoch had been trained but before export
+        metrics = evaluate(run)
+    finish(run, metrics)
+    return metrics
+
+
+def finish(run: Run, metrics: dict[str, float]) -> None:
+    """Model-only export, final metrics (their presence marks the run complete), artifacts."""
+    acc, recipe = run.accelerator, run.recipe
+    state_dict = acc.get_state_dict(run.model)
+    run.state.mlflow_run_id = run.tracker.run_id or run.state.mlflow_run_id
+    if acc.is_main_process:
+        meta = {"architecture": recipe.model.name, "num_classes": run.data.num_classes,
+                "role": recipe.run.role, "dataset": recipe.data.name, "image_size": recipe.data.image_size,
+                "mlflow_run_id": run.state.mlflow_run_id, "nt_dist_version": __version__,
+                "test_top1": f"{metrics.get('test_top1', float('nan')):.4f}"}
+        checkpoint.export_model(state_dict, run.output_dir / checkpoint.MODEL_FILE, meta)
+        summary = {"final": {k: metrics[k] for k in ("test_top1", "test_top5", "test_ce") if k in metrics},
+                   "global_step": run.state.global_step, "mlflow_run_id": run.state.mlflow_run_id,
+                   "role": recipe.run.role, "name": recipe.run.name}
+        checkpoint.atomic_write_text(run.output_dir / "metrics.json", json.dumps(summary, indent=1))
+        run.tracker.log_artifact(run.output_dir / checkpoint.MODEL_FILE)
+        run.tracker.log_artifact(run.output_dir / "metrics.json")
+    acc.wait_for_everyone()
+
+
+def _print_epoch(recipe: Recipe, epoch: int, m: dict[str, float]) -> None:
+    parts = " ".join(f"{k.removeprefix('train_')}={m[k]:.4f}" for k in m if k.startswith("train_"))
+    print(f"[{recipe.run.name}] epoch {epoch + 1}/{recipe.run.epochs} {parts} "
+          f"top1={m['test_top1']:.2f} top5={m['test_top5']:.2f} lr={m['lr']:.4g} "
+          f"{m['images_per_s']:.0f} img/s", flush=True)
+
+
+# ============================================================================ entry point
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m nt_dist.train",
+                                     description="Train what a recipe describes (under accelerate launch).")
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a recipe field (repeatable), e.g. --set optim.lr=0.1")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        train(recipe, source=args.recipe)
+    except UserError as exc:
+        print(f"nt-dist: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except NonFiniteLoss as exc:
+        print(f"nt-dist: error: {args.recipe}: {exc}", file=sys.stderr)
+        return 1
+    except Preempted:
+        print(f"nt-dist: preempted: checkpoint saved in {recipe.run.output_dir}; "
+              f"run the same command again to resume", file=sys.stderr)
+        return EXIT_PREEMPTED
+    finally:
+        _destroy_process_group()
+    return 0
+
+
+def _destroy_process_group() -> None:
+    """Without this, one DeepSpeed run in three aborted at exit (SIGABRT) on CPU."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
