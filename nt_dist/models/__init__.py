@@ -1,0 +1,56 @@
+"""Networks by name: the Nasty-Teacher paper's CIFAR networks next to every timm backbone.
+
+>>> from nt_dist.models import create_model
+>>> teacher = create_model("cifar_resnet18", num_classes=10)   # ours (also in timm's registry)
+>>> other = create_model("resnet18", num_classes=10)           # any timm name, random init
+
+Our names (:func:`list_models`) are built by :mod:`nt_dist.models.cifar`; every other name goes to
+``timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)``. A name that is
+neither raises :class:`UnknownModelError` with a one-line message listing close matches.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import timm
+from torch import nn
+
+from nt_dist.errors import UserError
+from nt_dist.models.cifar import ENTRYPOINTS
+
+__all__ = ["UnknownModelError", "create_model", "list_models"]
+
+
+class UnknownModelError(UserError, ValueError):
+    """A model name that is neither one of ours nor one of timm's; the message is one line."""
+
+
+def list_models() -> list[str]:
+    """Our model names, in the order of the paper's tables; each is also registered in timm."""
+    return list(ENTRYPOINTS)
+
+
+def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """Build model ``name`` with a ``num_classes``-way classifier and random weights.
+
+    ``kwargs`` go to our entrypoint (e.g. ``hidden=`` for ``mlp``) or to ``timm.create_model``
+    (e.g. ``drop_rate=``). Nothing is downloaded: ``pretrained=True`` raises ``ValueError``.
+
+    Raises:
+        UnknownModelError: ``name`` is neither ours nor a timm model.
+    """
+    if name in ENTRYPOINTS:
+        return ENTRYPOINTS[name](num_classes=num_classes, **kwargs)
+    if not timm.is_model(name):
+        candidates = list(dict.fromkeys(list_models() + timm.list_models()))
+        matches = difflib.get_close_matches(name, candidates, n=6)
+        raise UnknownModelError(
+            f"unknown model {name!r}; close matches: {', '.join(matches) if matches else '(none)'}"
+        )
+    if kwargs.pop("pretrained", False):
+        raise ValueError(
+            f"pretrained weights cannot be downloaded here; build {name!r} with pretrained=False"
+        )
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
