@@ -217,9 +217,10 @@ class CorruptCheckpoint(Exception):
     """A checkpoint folder that cannot be restored (truncated, edited, from another model)."""
 
 
-def resume(accelerator: Any, output_dir: Path, resume_from: str) -> TrainState | None:
+def resume(accelerator: Any, output_dir: Path, resume_from: str) -> tuple[TrainState, Path] | None:
     """Restore the run per ``run.resume``: ``auto`` takes the newest checkpoint that loads
-    (falling back to older ones with a warning), ``never`` none, anything else that folder."""
+    (falling back to older ones with a warning), ``never`` none, anything else that folder.
+    Returns the counters and the folder they came from."""
     if resume_from == "never":
         return None
     if resume_from != "auto":
@@ -227,12 +228,12 @@ def resume(accelerator: Any, output_dir: Path, resume_from: str) -> TrainState |
         if not (directory / STATE_FILE).is_file():
             raise UserError(f"run.resume: {directory} is not a checkpoint folder (no {STATE_FILE})")
         try:
-            return load_training_state(accelerator, directory)
+            return load_training_state(accelerator, directory), directory
         except CorruptCheckpoint as exc:
             raise UserError(f"run.resume: {exc}") from None
     for directory in checkpoint_dirs(output_dir):
         try:
-            return load_training_state(accelerator, directory)
+            return load_training_state(accelerator, directory), directory
         except CorruptCheckpoint as exc:
             warn(f"skipping unusable checkpoint: {exc}; trying an older one")
     return None

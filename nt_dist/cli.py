@@ -76,10 +76,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def check(path: str, overrides: list[str]) -> int:
     from nt_dist.config import load_recipe, recipe_to_dict
-    from nt_dist.models import create_model
+    from nt_dist.models import UnknownModelError, create_model
 
     recipe = load_recipe(path, overrides)
-    create_model(recipe.model.name, num_classes=recipe.model.num_classes or 10)  # unknown names fail here
+    for key, name in (("model.name", recipe.model.name), ("nasty.adversary", recipe.nasty.adversary),
+                      ("distill.teacher", recipe.distill.teacher)):
+        if name:
+            try:
+                create_model(name, num_classes=recipe.model.num_classes or 10)
+            except UnknownModelError as exc:
+                raise UserError(f"{path}: {key}: {exc}") from None
     print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
     print(f"# {path}: valid", file=sys.stderr)
     return 0

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import pydantic
 import yaml
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 from pydantic.dataclasses import dataclass
 
 from nt_dist.errors import UserError
@@ -49,6 +49,11 @@ class RunConfig:
     keep_last: int = Field(default=2, ge=1)  # complete checkpoints kept on disk
     max_steps: int = Field(default=0, ge=0)  # 0: no limit; >0 stops early (smoke tests)
     progress: bool = True  # tqdm bar on rank 0
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML reads an unquoted `no` as false
 
 
 @dataclass(frozen=True, config=_STRICT)

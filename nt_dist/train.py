@@ -139,19 +139,22 @@ class Preemption:
 
 
 def build_accelerator(recipe: Recipe) -> Any:
-    """Accelerate decides the process layout; the recipe decides the precision. On a machine
-    without CUDA the process group uses gloo (accelerate would otherwise pick NCCL)."""
+    """Accelerate decides the process layout (from ``accelerate launch``); the recipe decides
+    the precision. Without CUDA, processes talk over gloo: through accelerate's MULTI_CPU
+    path (``cpu=True``), or, under DeepSpeed (which ``cpu=True`` would switch off), by naming
+    the backend."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     precision = recipe.run.precision
-    if precision == "fp16" and not torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if precision == "fp16" and not cuda:
         raise UserError("run.precision: fp16 needs a GPU; use bf16 or no on CPU")
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    backend = {"backend": "gloo"} if distributed and not torch.cuda.is_available() else {}
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    backend = {"backend": "gloo"} if deepspeed and not cuda else {}
     handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=10), **backend)]
-    return Accelerator(mixed_precision=precision, kwargs_handlers=handlers,
-                       step_scheduler_with_optimizer=False)
+    return Accelerator(cpu=not cuda and not deepspeed, mixed_precision=precision,
+                       kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
 
 
 def make_model(name: str, num_classes: int, key: str = "model.name") -> nn.Module:
@@ -204,7 +207,7 @@ def setup(recipe: Recipe, source: str) -> Run:
     if num_classes != data.num_classes:
         raise UserError(f"{source}: model.num_classes: {num_classes} but {recipe.data.name} has "
                         f"{data.num_classes} classes")
-    model = make_model(recipe.model.name, num_classes)
+    model = make_model(recipe.model.name, num_classes, f"{source}: model.name")
     if recipe.model.sync_bn and accelerator.num_processes > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if recipe.model.channels_last:
@@ -221,7 +224,11 @@ def setup(recipe: Recipe, source: str) -> Run:
 
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
-    state = checkpoint.resume(accelerator, output_dir, recipe.run.resume) or TrainState()
+    resumed = checkpoint.resume(accelerator, output_dir, recipe.run.resume)
+    state = resumed[0] if resumed else TrainState()
+    if resumed and accelerator.is_main_process:
+        print(f"[{recipe.run.name}] resumed from {resumed[1]} (epoch {state.epoch + 1}, "
+              f"step {state.step_in_epoch} of the epoch, global step {state.global_step})", flush=True)
     tracker = Tracker(recipe.tracking, output_dir, active=accelerator.is_main_process)
     return Run(recipe, accelerator, model, optimizer, scheduler, data, step_fn, tracker, state,
                output_dir, lineage)

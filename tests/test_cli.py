@@ -1,0 +1,71 @@
+"""The command line as a user types it: one-line errors with exit code 2, nothing trained."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+NT_DIST = str(Path(sys.executable).with_name("nt-dist"))
+
+
+def nt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([NT_DIST, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("nt-dist: error:")]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_check_prints_the_resolved_recipe(tmp_path: Path):
+    proc = nt("check", str(REPO / "recipes" / "tinyimagenet_nasty.yaml"), "--set", "optim.lr=0.05", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "lr: 0.05" in proc.stdout and "omega: 0.01" in proc.stdout and "valid" in proc.stderr
+    assert not any(tmp_path.iterdir())  # validation trains and writes nothing
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("nasty: {omgea: 0.1}\n", ["nasty.omgea", "unknown key"]),
+    ("optim: {lr: fast}\n", ["optim.lr"]),
+    ("run: [1, 2\n", ["unreadable YAML"]),
+    ("model: {name: cifar_resnt18}\n", ["model.name", "cifar_resnet18"]),
+])
+def test_bad_recipes_fail_in_one_line(tmp_path: Path, text: str, needles: list[str]):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    for command in ("check", "train"):
+        assert_one_line_error(nt(command, str(recipe), cwd=tmp_path), str(recipe) if "model" not in text else "", *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # nothing trained or written
+
+
+def test_missing_data_root_names_the_path(tmp_path: Path):
+    missing = tmp_path / "nowhere"
+    proc = nt("train", str(REPO / "recipes" / "tinyimagenet_nasty.yaml"), "--set", f"data.root={missing}",
+              "--set", f"run.output_dir={tmp_path / 'out'}", "--set", "run.precision=no", cwd=tmp_path)
+    assert_one_line_error(proc, str(missing))
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_adversary_checkpoint_names_the_key(tmp_path: Path):
+    proc = nt("train", str(REPO / "recipes" / "digits_nasty.yaml"),
+              "--set", f"nasty.adversary_checkpoint={tmp_path / 'no_such_run'}",
+              "--set", f"run.output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert_one_line_error(proc, "nasty.adversary_checkpoint", "no_such_run")
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp16_on_cpu_is_refused(tmp_path: Path):
+    proc = nt("check", str(REPO / "recipes" / "digits_teacher.yaml"), cwd=tmp_path)
+    assert proc.returncode == 0
+    proc = nt("train", str(REPO / "recipes" / "digits_teacher.yaml"), "--set", "run.precision=fp16",
+              "--set", f"run.output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert_one_line_error(proc, "run.precision")

@@ -1,0 +1,81 @@
+"""Real multi-process runs: `accelerate launch` with 2 CPU processes over gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from conftest import REPO, tiny_overrides
+
+pytestmark = pytest.mark.distributed
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+LAUNCH_2 = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+LAUNCH_1 = [ACCELERATE, "launch", "--num_processes", "1", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def launch(launcher: list[str], recipe: str, overrides: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [*launcher, "-m", "nt_dist.train", str(REPO / "recipes" / recipe)]
+    for item in overrides:
+        cmd += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_two_processes_train_evaluate_and_log_once(tmp_path: Path):
+    out = tmp_path / "ddp"
+    launch(LAUNCH_2, "digits_teacher.yaml", tiny_overrides(out, "teacher", **{"run.name": "ddp_teacher"}))
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["global_step"] == 2 * (256 // (32 * 2))  # global batch 64: 4 steps per epoch
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs if "test_top1" in e] == [1, 2]  # rank 0 writes, once
+    # RNG state of both ranks is in every checkpoint
+    last = sorted((out / "checkpoints").iterdir())[-1]
+    assert {p.name for p in last.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("tests")
+    runs = client.search_runs([experiment.experiment_id], "tags.`mlflow.runName` = 'ddp_teacher'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    # every one of the 360 test images was scored exactly once (the loop checks the count)
+    assert runs[0].data.metrics["test_top1"] == pytest.approx(summary["final"]["test_top1"])
+    assert (360 * summary["final"]["test_top1"] / 100) == pytest.approx(round(360 * summary["final"]["test_top1"] / 100))
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_two_processes_of_half_batch_equal_one_process_of_full_batch(tmp_path: Path):
+    """Data parallelism changes nothing but speed: same global batches, averaged gradients.
+    (mlp: no BatchNorm, whose per-process statistics would differ without SyncBatchNorm.)"""
+    common = {"model.name": "mlp", "tracking.enabled": "false", "run.epochs": "2"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch(LAUNCH_1, "digits_student.yaml", tiny_overrides(one, "baseline", **common, **{"data.batch_size": "64"}))
+    launch(LAUNCH_2, "digits_student.yaml", tiny_overrides(two, "baseline", **common, **{"data.batch_size": "32"}))
+    assert_same_weights(one, two)
+    # and the same for a nasty teacher, whose adversary is the network just trained
+    nasty = {**common, "nasty.adversary_checkpoint": str(one)}
+    n1, n2 = tmp_path / "nasty1", tmp_path / "nasty2"
+    launch(LAUNCH_1, "digits_nasty.yaml", tiny_overrides(n1, "nasty", **nasty, **{"data.batch_size": "64"}))
+    launch(LAUNCH_2, "digits_nasty.yaml", tiny_overrides(n2, "nasty", **nasty, **{"data.batch_size": "32"}))
+    assert_same_weights(n1, n2)
+    adversary, nasty_weights = weights(one), weights(n1)
+    assert any(not torch.equal(adversary[k], nasty_weights[k]) for k in adversary)  # it did train
