@@ -267,19 +267,22 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
             sums[k] = sums.get(k, 0) + v.float()
         window.append((state.global_step, parts))
         last = state.step_in_epoch == steps
-        if len(window) >= 10 or last:
-            _check_finite(window, epoch)
+        limit = bool(recipe.run.max_steps) and state.global_step >= recipe.run.max_steps
+        every = recipe.run.checkpoint_every_steps
+        checkpoint_due = bool(every) and state.global_step % every == 0 and not last
+        stop = _should_stop(run)
+        if len(window) >= 10 or last or limit or checkpoint_due or stop:
+            _check_finite(acc, window, epoch)  # never checkpoint a state that saw a NaN
             if bar is not None:
                 bar.set_postfix(loss=f"{window[-1][1]['loss'].item():.4f}")
             window = []
         if bar is not None:
             bar.update(1)
-        if _should_stop(run):
+        if stop:
             raise Preempted()
-        if recipe.run.checkpoint_every_steps and state.global_step % recipe.run.checkpoint_every_steps == 0 \
-                and not last:
+        if checkpoint_due:
             checkpoint.save_training_state(acc, run.output_dir, state, recipe.run.keep_last)
-        if recipe.run.max_steps and state.global_step >= recipe.run.max_steps:
+        if limit:
             break
     if bar is not None:
         bar.close()
@@ -291,13 +294,20 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
     return means
 
 
-def _check_finite(window: list[tuple[int, dict[str, Tensor]]], epoch: int) -> None:
-    """One host sync per window: find the first step whose loss is NaN/Inf and name it."""
-    losses = torch.stack([parts["loss"].float() for _, parts in window]).tolist()
-    for (step, parts), loss in zip(window, losses):
+def _check_finite(acc: Any, window: list[tuple[int, dict[str, Tensor]]], epoch: int) -> None:
+    """One host sync per window: find the first step whose loss is NaN/Inf and name it with
+    its parts. Ranks agree (one all-reduce), so none is left waiting in a collective."""
+    losses = torch.stack([parts["loss"].float() for _, parts in window])
+    bad = (~torch.isfinite(losses)).any().float().reshape(1)
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad, reduction="sum")
+    if bad.item() == 0:
+        return
+    for (step, parts), loss in zip(window, losses.tolist()):
         if not math.isfinite(loss):
             detail = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
-            raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {epoch}): {detail}")
+            raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {epoch + 1}): {detail}")
+    raise NonFiniteLoss(f"non-finite loss on another process by step {window[-1][0]} (epoch {epoch + 1})")
 
 
 def _should_stop(run: Run) -> bool:
