@@ -74,8 +74,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def export_model(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Model-only export as safetensors (loadable without pickle), written atomically."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    """Model-only export as safetensors (loadable without pickle), written atomically; fp32."""
+    # floating-point weights are stored as fp32 whatever the training precision (a DeepSpeed
+    # bf16 engine hands out bf16 weights): exact, and what every consumer expects
+    tensors = {k: (v.float() if v.is_floating_point() else v).detach().to("cpu").contiguous()
+               for k, v in state_dict.items()}
     meta = {"format": FORMAT, **{k: str(v) for k, v in metadata.items()}}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

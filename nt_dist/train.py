@@ -99,6 +99,7 @@ class Run:
     state: TrainState
     output_dir: Path
     lineage: dict[str, str] = field(default_factory=dict)
+    input_dtype: torch.dtype | None = None  # DeepSpeed bf16/fp16 engines take low-precision inputs
     preempt: "Preemption | None" = None
 
 
@@ -164,7 +165,8 @@ def make_model(name: str, num_classes: int, key: str = "model.name") -> nn.Modul
         raise UserError(f"{key}: {exc}") from None
 
 
-def build_frozen(recipe: Recipe, num_classes: int, device: torch.device) -> tuple[StepFn, dict[str, str]]:
+def build_frozen(recipe: Recipe, num_classes: int, device: torch.device,
+                 dtype: torch.dtype | None = None) -> tuple[StepFn, dict[str, str]]:
     """The role's step function, with its frozen network loaded, and lineage tags."""
     role = recipe.run.role
     if role in ("teacher", "baseline"):
@@ -177,7 +179,7 @@ def build_frozen(recipe: Recipe, num_classes: int, device: torch.device) -> tupl
         name, path = cfg.teacher, cfg.teacher_checkpoint
     frozen, meta = checkpoint.load_frozen_model(
         name, path, num_classes, key, partial(_frozen_model, key=key.replace("_checkpoint", "")))
-    frozen = frozen.to(device)
+    frozen = frozen.to(device=device, dtype=dtype)
     if recipe.model.channels_last:
         frozen = frozen.to(memory_format=torch.channels_last)
     lineage = {f"{kind}_checkpoint": str(Path(path).resolve()),
@@ -192,6 +194,35 @@ def build_frozen(recipe: Recipe, num_classes: int, device: torch.device) -> tupl
 
 def _frozen_model(name: str, num_classes: int, key: str) -> nn.Module:
     return make_model(name, num_classes, key)
+
+
+def _fill_deepspeed_config(accelerator: Any, recipe: Recipe) -> None:
+    """Under DeepSpeed, "auto" entries of the JSON come from the recipe (we feed data
+    ourselves, so accelerate cannot read the micro-batch size off a DataLoader)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = recipe.data.batch_size
+    if config.get("gradient_clipping", "auto") == "auto":
+        config["gradient_clipping"] = recipe.optim.grad_clip
+    if config.get("train_batch_size") == "auto":
+        config["train_batch_size"] = recipe.data.batch_size * accelerator.num_processes
+
+
+def input_dtype(accelerator: Any) -> torch.dtype | None:
+    """DeepSpeed's bf16/fp16 engines hold low-precision weights and do not autocast: their
+    inputs (and the frozen network beside them) must be cast. None: leave inputs as they are."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return None
+    config = plugin.deepspeed_config
+    if config.get("bf16", {}).get("enabled") is True:
+        return torch.bfloat16
+    if config.get("fp16", {}).get("enabled") is True:
+        return torch.float16
+    return None
 
 
 def setup(recipe: Recipe, source: str) -> Run:
@@ -212,11 +243,12 @@ def setup(recipe: Recipe, source: str) -> Run:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if recipe.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    step_fn, lineage = build_frozen(recipe, num_classes, accelerator.device)
+    step_fn, lineage = build_frozen(recipe, num_classes, accelerator.device, input_dtype(accelerator))
     optimizer = build_optimizer(model, recipe.optim)
     scheduler = build_scheduler(optimizer, recipe.optim, recipe.run.epochs, data.train.steps_per_epoch)
     if recipe.model.compile:
         model = torch.compile(model)
+    _fill_deepspeed_config(accelerator, recipe)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if recipe.run.resume == "never" and accelerator.is_main_process:
         for old in checkpoint.checkpoint_dirs(output_dir):
@@ -231,7 +263,7 @@ def setup(recipe: Recipe, source: str) -> Run:
               f"step {state.step_in_epoch} of the epoch, global step {state.global_step})", flush=True)
     tracker = Tracker(recipe.tracking, output_dir, active=accelerator.is_main_process)
     return Run(recipe, accelerator, model, optimizer, scheduler, data, step_fn, tracker, state,
-               output_dir, lineage)
+               output_dir, lineage, input_dtype=input_dtype(accelerator))
 
 
 # ============================================================================ epoch and evaluation
@@ -248,8 +280,7 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
     bar = _progress(acc, recipe, steps, state.step_in_epoch, epoch)
     batches: Iterator[tuple[Tensor, Tensor]] = run.data.train.epoch(epoch, state.step_in_epoch)
     for images, labels in batches:
-        if recipe.model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = _prepare_inputs(run, images)
         with acc.autocast():
             out = run.step_fn(run.model, images, labels)
         run.optimizer.zero_grad(set_to_none=True)
@@ -310,6 +341,14 @@ def _check_finite(acc: Any, window: list[tuple[int, dict[str, Tensor]]], epoch: 
     raise NonFiniteLoss(f"non-finite loss on another process by step {window[-1][0]} (epoch {epoch + 1})")
 
 
+def _prepare_inputs(run: Run, images: Tensor) -> Tensor:
+    if run.input_dtype is not None:
+        images = images.to(run.input_dtype)
+    if run.recipe.model.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
 def _should_stop(run: Run) -> bool:
     return run.preempt is not None and run.preempt.agreed(run.accelerator)
 
@@ -333,8 +372,7 @@ def evaluate(run: Run) -> dict[str, float]:
     totals = torch.zeros(4, dtype=torch.float64, device=acc.device)  # top1, top5, ce, count
     with torch.inference_mode():
         for images, labels in run.data.eval.batches():
-            if run.recipe.model.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = _prepare_inputs(run, images)
             with acc.autocast():
                 logits = model(images)
             logits = logits.float()

@@ -1,0 +1,108 @@
+"""The launcher configs in cluster/, run for real on CPU: DeepSpeed ZeRO through accelerate,
+and the SLURM script's preemption chain (USR1 -> checkpoint -> exit 75 -> requeue -> resume)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, free_port, tiny_overrides
+
+pytestmark = pytest.mark.distributed
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+CLUSTER = REPO / "cluster"
+
+
+def args(overrides: list[str]) -> list[str]:
+    return sum((["--set", o] for o in overrides), [])
+
+
+@pytest.mark.parametrize("path", sorted(CLUSTER.glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_are_complete(path: Path):
+    config = yaml.safe_load(path.read_text())
+    assert config["distributed_type"] in ("NO", "MULTI_GPU", "DEEPSPEED")
+    assert config["num_processes"] >= 1 and config["num_machines"] >= 1
+    if config["distributed_type"] == "DEEPSPEED":
+        ds = json.loads((REPO / config["deepspeed_config"]["deepspeed_config_file"]).read_text())
+        assert ds["zero_allow_untested_optimizer"] is True  # torch SGD/AdamW under ZeRO
+        assert ds["bf16"]["enabled"] is True and ds["data_types"]["buffer_dtype"] == "bf16"  # BatchNorm in bf16
+        assert str(ds["zero_optimization"]["stage"]) in path.name
+
+
+def launch_deepspeed(stage: int, recipe: str, overrides: list[str]) -> None:
+    cmd = [ACCELERATE, "launch", "--config_file", str(CLUSTER / f"deepspeed_zero{stage}.yaml"),
+           "--num_processes", "2", "--main_process_port", str(free_port()),
+           "-m", "nt_dist.train", str(REPO / "recipes" / recipe), *args(overrides)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_deepspeed_zero2_and_zero3_train_a_nasty_teacher_in_bf16(tmp_path: Path):
+    """BatchNorm network in bf16 under ZeRO-3 (teacher), then a nasty teacher under ZeRO-2
+    whose frozen adversary stays outside the engine; both on 2 CPU processes over gloo."""
+    common = {"run.precision": "bf16", "tracking.enabled": "false", "run.epochs": "1"}
+    teacher, nasty = tmp_path / "teacher", tmp_path / "nasty"
+    launch_deepspeed(3, "digits_teacher.yaml", tiny_overrides(teacher, "teacher", **common))
+    launch_deepspeed(2, "digits_nasty.yaml", tiny_overrides(
+        nasty, "nasty", **common, **{"nasty.adversary_checkpoint": str(teacher)}))
+    from safetensors.torch import load_file
+
+    for out in (teacher, nasty):
+        summary = json.loads((out / "metrics.json").read_text())
+        assert summary["global_step"] == 256 // (32 * 2)
+        weights = load_file(str(out / "model.safetensors"))
+        assert {v.dtype for v in weights.values() if v.is_floating_point()} == {__import__("torch").float32}
+    events = [json.loads(line) for line in (nasty / "metrics.jsonl").read_text().splitlines()]
+    assert "train_kl" in events[-1] and events[-1]["train_kl"] > 0
+
+
+def fake_slurm(bin_dir: Path, log: Path) -> None:
+    """srun runs its command here (dropping its options); scontrol records requeues."""
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text(
+        f'#!/bin/bash\nif [ "$1" = show ]; then echo localhost; else echo "$@" >> {log}; fi\n')
+    for name in ("srun", "scontrol"):
+        (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IXUSR)
+
+
+def test_slurm_script_checkpoints_requeues_and_resumes_on_usr1(tmp_path: Path):
+    log = tmp_path / "scontrol.log"
+    fake_slurm(tmp_path / "bin", log)
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out, "teacher", **{"run.epochs": "40", "tracking.enabled": "false",
+                                                  "run.checkpoint_every_steps": "2"})
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost",
+           "NT_GPUS_PER_NODE": "2", "NT_ACCELERATE_CONFIG": str(CLUSTER / "cpu_2proc.yaml"),
+           "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    job = [str(CLUSTER / "slurm" / "train.sbatch"), str(REPO / "recipes" / "digits_teacher.yaml"), *args(overrides)]
+    first = subprocess.Popen(job, cwd=REPO, env={**env, "MASTER_PORT": str(free_port())},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not list((out / "checkpoints").glob("step_*")) and time.time() < deadline:
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        time.sleep(0.2)
+    first.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@300` does
+    stdout, stderr = first.communicate(timeout=240)
+    assert first.returncode == 0, stderr[-3000:]
+    assert log.read_text().split() == ["requeue", "4242"]
+    assert "preempted: checkpoint saved" in stderr
+    assert not (out / "metrics.json").exists()
+    stopped_at = max(int(p.name.removeprefix("step_")) for p in (out / "checkpoints").glob("step_*"))
+    # the requeued job: same command, continues from the checkpoint
+    second = subprocess.run(job, cwd=REPO, env={**env, "MASTER_PORT": str(free_port())},
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"step_{stopped_at:09d}" in second.stdout and "resumed from" in second.stdout
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 40 * (256 // 64)
