@@ -63,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "check":
             return check(args.recipe, args.overrides)
         elif args.command == "data":
-            from nt_dist.data.ffcv_io import main as write_ffcv_main
+            try:
+                from nt_dist.data.ffcv_io import main as write_ffcv_main
+            except ImportError as exc:
+                raise UserError(f"nt-dist data write-ffcv needs ffcv ({exc}); install it with "
+                                "make setup (as root) or pip install -e '.[ffcv]'") from None
 
             return write_ffcv_main(args.rest)
         elif args.command == "ui":

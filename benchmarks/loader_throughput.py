@@ -1,0 +1,144 @@
+"""Training-input throughput: FFCV vs the torchvision ImageFolder + DataLoader path, same images.
+
+Writes real pixels (scikit-learn's digits, upsampled to ``--size`` px, saved as JPEG) in the
+Tiny-ImageNet-200 layout, writes the ``.beton`` from that folder, then times
+``nt_dist.data.build_data`` with ``data.loader: torch`` and ``data.loader: ffcv`` on the same
+images, resolution, random-resized-crop + flip and worker count. Only steady-state epochs
+count: each path's first epoch is discarded (numba compiles the ffcv pipeline there; the torch
+path warms its file cache). Prints a markdown table, logs to MLflow (experiment
+``benchmarks``), and ends with ``speedup ffcv/torch: X.Xx``.
+
+    python benchmarks/loader_throughput.py --quick          # < 5 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: nt_dist, tests
+
+from nt_dist.config import DataConfig
+from nt_dist.data import build_data
+from nt_dist.data.ffcv_io import write_ffcv
+from tests.conftest_data import digit_images, write_tinyimagenet
+
+FFCV_EPOCHS_PER_ROUND = 3  # an ffcv epoch is several times shorter than a torch epoch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer images and epochs (< 5 min on 2 cores)")
+    parser.add_argument("--size", type=int, default=64, help="stored and trained resolution, px")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader processes / ffcv threads")
+    parser.add_argument("--batch", type=int, default=256, help="batch size")
+    parser.add_argument("--images", type=int, default=0, help="training images (default 16384; --quick 4096)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    args = parser.parse_args(argv)
+    n_images = args.images or (4096 if args.quick else 16384)
+    rounds = 2 if args.quick else 3
+
+    with tempfile.TemporaryDirectory(prefix="loader_throughput_") as tmp:
+        root, ffcv_dir = Path(tmp) / "tiny-imagenet-200", Path(tmp) / "ffcv"
+        started = time.perf_counter()
+        _write_layout(root, n_images, args.size)
+        write_ffcv("tinyimagenet", str(root), str(ffcv_dir), jpeg_quality=90, workers=args.workers)
+        prepare_s = time.perf_counter() - started
+        load_before = os.getloadavg()[0]
+        rows = _measure(root, ffcv_dir, args, rounds)
+        load_after = os.getloadavg()[0]
+
+    speedup = rows["ffcv"]["images_per_s"] / rows["torch"]["images_per_s"]
+    params = {"size": args.size, "workers": args.workers, "batch": args.batch, "images": n_images,
+              "quick": args.quick, "augment": "rrc_flip", "beton": "jpg q90",
+              "source": "digits upsampled, JPEG q95, Tiny-ImageNet layout",
+              "cpus": os.cpu_count(), "cpu": _cpu_name(), "load_average": f"{load_before:.1f}->{load_after:.1f}",
+              "torch": torch.__version__, "ffcv": version("ffcv")}
+    if not args.no_mlflow:
+        _log_mlflow(params, rows, speedup)
+    print(f"\n{n_images} images, {args.size} px JPEG, random-resized-crop + flip, batch {args.batch}, "
+          f"{args.workers} workers, {os.cpu_count()} CPUs, load average {load_before:.1f} -> {load_after:.1f} "
+          f"(prepare: {prepare_s:.0f} s)\n")
+    print("| loader | epochs timed | images | seconds | images/s |")
+    print("|---|---|---|---|---|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['epochs']} | {row['images']} | {row['seconds']:.2f} | {row['images_per_s']:,.0f} |")
+    print(f"speedup ffcv/torch: {speedup:.1f}x")
+    return 0
+
+
+def _write_layout(root: Path, n_images: int, size: int) -> None:
+    """``n_images`` training and ``n_images // 10`` validation JPEGs, digits cycled."""
+    images, labels = digit_images(size)
+    wnids = [f"n{digit:08d}" for digit in range(10)]
+    order = np.arange(n_images) % len(images)
+    train = {wnid: images[order[labels[order] == digit]] for digit, wnid in enumerate(wnids)}
+    val = [(images[i], wnids[labels[i]]) for i in range(n_images // 10)]
+    write_tinyimagenet(root, wnids, train, val)
+
+
+def _measure(root: Path, ffcv_dir: Path, args: argparse.Namespace, rounds: int) -> dict[str, dict[str, float]]:
+    """Images/s of each loader's training source over steady-state epochs.
+
+    Each loader's epoch 0 is discarded (ffcv: numba compiles; torch: file cache). Then the timed
+    epochs are interleaved, one torch epoch and FFCV_EPOCHS_PER_ROUND ffcv epochs per round, so
+    that load from other processes on the machine hits both alike.
+    """
+    sources = {}
+    for loader in ("torch", "ffcv"):
+        cfg = DataConfig(name="tinyimagenet", root=str(root), ffcv_dir=str(ffcv_dir), loader=loader,
+                         image_size=args.size, batch_size=args.batch, num_workers=args.workers, augment="rrc_flip")
+        sources[loader] = build_data(cfg, seed=0, rank=0, world=1, device=torch.device("cpu")).train
+    totals = {loader: {"epochs": 0, "images": 0, "seconds": 0.0} for loader in sources}
+    next_epoch = dict.fromkeys(sources, 0)
+
+    def run(loader: str, timed: bool) -> None:
+        started, seen = time.perf_counter(), 0
+        for _, labels in sources[loader].epoch(next_epoch[loader]):
+            seen += len(labels)
+        seconds = time.perf_counter() - started
+        print(f"{loader} epoch {next_epoch[loader]}: {seen} images in {seconds:.2f} s"
+              f"{'' if timed else ' (warm-up, not counted)'}", file=sys.stderr)
+        next_epoch[loader] += 1
+        if timed:
+            row = totals[loader]
+            row["epochs"], row["images"], row["seconds"] = row["epochs"] + 1, row["images"] + seen, row["seconds"] + seconds
+
+    for loader in sources:
+        run(loader, timed=False)
+    for _ in range(rounds):
+        run("torch", timed=True)
+        for _ in range(FFCV_EPOCHS_PER_ROUND):
+            run("ffcv", timed=True)
+    return {loader: {**row, "images_per_s": row["images"] / row["seconds"]} for loader, row in totals.items()}
+
+
+def _log_mlflow(params: dict[str, object], rows: dict[str, dict[str, float]], speedup: float) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+    mlflow.set_experiment("benchmarks")
+    with mlflow.start_run(run_name="loader_throughput"):
+        mlflow.log_params(params)
+        mlflow.log_metrics({f"{name}_images_per_s": row["images_per_s"] for name, row in rows.items()}
+                           | {"speedup_ffcv_over_torch": speedup})
+
+
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return names[0] if names else platform.machine()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
