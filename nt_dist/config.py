@@ -72,6 +72,9 @@ class DataConfig:
     # Tiny-ImageNet pipeline: ±20° rotation + flip) | rrc_flip (ImageNet-style)
     augment: Literal["none", "shift", "pad_crop_flip", "rotate_flip", "rrc_flip"] = "shift"
     train_subset: int = Field(default=0, ge=0)  # 0: all; >0: first N training samples
+    # 0: a fresh augmentation of every sample every epoch; K: sample i at epoch e is its view
+    # e mod K (K fixed views per sample), so a frozen network's logits can be cached
+    augment_views: int = Field(default=0, ge=0)
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -109,6 +112,7 @@ class NastyConfig:
     adversary_checkpoint: str = ""  # model.safetensors of f_A, or the run folder holding it
     tau: float = Field(default=4.0, gt=0)
     omega: float = Field(default=0.04, ge=0)
+    cache_logits: bool = False  # serve f_A's logits of repeated views from memory (see nt_dist/frozen.py)
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -119,6 +123,7 @@ class DistillConfig:
     teacher_checkpoint: str = ""  # model.safetensors of f_T, or the run folder holding it
     tau: float = Field(default=4.0, gt=0)
     alpha: float = Field(default=0.9, ge=0, le=1)
+    cache_logits: bool = False  # serve f_T's logits of repeated views from memory
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -263,5 +268,15 @@ def _check(recipe: Recipe, source: str) -> None:
         raise UserError(f"{source}: optim.milestones: required when optim.schedule is multistep")
     if any(m <= 0 or m > recipe.run.epochs for m in recipe.optim.milestones):
         raise UserError(f"{source}: optim.milestones: each must lie in 1..run.epochs ({recipe.run.epochs})")
+    if recipe.data.augment_views and recipe.data.loader != "torch":
+        raise UserError(f"{source}: data.augment_views: needs data.loader: torch (ffcv draws augmentations "
+                        "from a global RNG)")
+    for section in ("nasty", "distill"):
+        if getattr(recipe, section).cache_logits:
+            if recipe.data.loader != "torch":
+                raise UserError(f"{source}: {section}.cache_logits: needs data.loader: torch")
+            if not recipe.data.augment_views and recipe.data.augment != "none":
+                raise UserError(f"{source}: {section}.cache_logits: needs data.augment_views > 0 (or "
+                                "data.augment: none); with a fresh augmentation every epoch no image repeats")
     if recipe.data.name != "digits" and recipe.data.loader == "torch" and not recipe.data.root:
         raise UserError(f"{source}: data.root: required for data set {recipe.data.name!r}")

@@ -36,46 +36,45 @@ from nt_dist.checkpoint import TrainState
 from nt_dist.config import Recipe, flatten, load_recipe, recipe_to_dict
 from nt_dist.data import DataBundle, build_data
 from nt_dist.errors import EXIT_USER_ERROR, UserError
+from nt_dist.frozen import FrozenNetwork, LogitCache
 from nt_dist.losses import kd_loss, nasty_teacher_loss
 from nt_dist.models import UnknownModelError, create_model
 from nt_dist.optim import build_optimizer, build_scheduler
 from nt_dist.tracking import Tracker
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on SIGTERM/SIGUSR1; cluster/slurm requeues on it
-StepFn = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]
+StepFn = Callable[..., dict[str, Tensor]]  # (model, images, labels, index=None, epoch=0) -> outputs
+Frozen = Callable[..., Tensor]  # (images, index=None, epoch=0) -> logits: a FrozenNetwork or a module
 
 
 # ============================================================================ step functions
 
 
-def ce_step(model: nn.Module, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+def ce_step(model: nn.Module, images: Tensor, labels: Tensor, index: Tensor | None = None,
+            epoch: int = 0) -> dict[str, Tensor]:
     """Normal training (teacher, baseline student): ``CE(f(x), y)``."""
     logits = model(images)
     ce = F.cross_entropy(logits.float(), labels)
     return {"loss": ce, "logits": logits, "ce": ce.detach()}
 
 
-def frozen_logits(frozen: nn.Module, images: Tensor) -> Tensor:
-    """Logits of the frozen adversary/teacher: eval mode, inference mode, no autograd graph.
-    The clone turns the inference tensor into one autograd may save for the loss's backward."""
-    with torch.inference_mode():
-        logits = frozen(images)
-    return logits.clone()
+def _frozen(network: Frozen) -> FrozenNetwork:
+    return FrozenNetwork(network) if isinstance(network, nn.Module) else network
 
 
-def nasty_step(model: nn.Module, images: Tensor, labels: Tensor, *, adversary: nn.Module,
-               tau: float, omega: float) -> dict[str, Tensor]:
+def nasty_step(model: nn.Module, images: Tensor, labels: Tensor, index: Tensor | None = None, epoch: int = 0, *,
+               adversary: Frozen, tau: float, omega: float) -> dict[str, Tensor]:
     """Self-undermining KD against the frozen adversary (Ma et al., 2021)."""
-    adversary_logits = frozen_logits(adversary, images)
+    adversary_logits = _frozen(adversary)(images, index, epoch)
     logits = model(images)
     loss, parts = nasty_teacher_loss(logits, adversary_logits, labels, omega, tau, return_parts=True)
     return {"loss": loss, "logits": logits, **parts}
 
 
-def student_step(model: nn.Module, images: Tensor, labels: Tensor, *, teacher: nn.Module,
-                 tau: float, alpha: float) -> dict[str, Tensor]:
+def student_step(model: nn.Module, images: Tensor, labels: Tensor, index: Tensor | None = None, epoch: int = 0, *,
+                 teacher: Frozen, tau: float, alpha: float) -> dict[str, Tensor]:
     """Hinton KD from the frozen teacher (Hinton et al., 2015)."""
-    teacher_logits = frozen_logits(teacher, images)
+    teacher_logits = _frozen(teacher)(images, index, epoch)
     logits = model(images)
     loss, parts = kd_loss(logits, teacher_logits, labels, alpha, tau, return_parts=True)
     return {"loss": loss, "logits": logits, **parts}
@@ -165,9 +164,10 @@ def make_model(name: str, num_classes: int, key: str = "model.name") -> nn.Modul
         raise UserError(f"{key}: {exc}") from None
 
 
-def build_frozen(recipe: Recipe, num_classes: int, device: torch.device,
+def build_frozen(recipe: Recipe, num_classes: int, accelerator: Any, train_size: int,
                  dtype: torch.dtype | None = None) -> tuple[StepFn, dict[str, str]]:
-    """The role's step function, with its frozen network loaded, and lineage tags."""
+    """The role's step function, with its frozen network loaded (and its logit cache when
+    the recipe asks for one), and lineage tags."""
     role = recipe.run.role
     if role in ("teacher", "baseline"):
         return ce_step, {}
@@ -177,11 +177,16 @@ def build_frozen(recipe: Recipe, num_classes: int, device: torch.device,
     else:
         cfg, key, kind = recipe.distill, "distill.teacher_checkpoint", "teacher"
         name, path = cfg.teacher, cfg.teacher_checkpoint
-    frozen, meta = checkpoint.load_frozen_model(
+    network, meta = checkpoint.load_frozen_model(
         name, path, num_classes, key, partial(_frozen_model, key=key.replace("_checkpoint", "")))
-    frozen = frozen.to(device=device, dtype=dtype)
+    network = network.to(device=accelerator.device, dtype=dtype)
     if recipe.model.channels_last:
-        frozen = frozen.to(memory_format=torch.channels_last)
+        network = network.to(memory_format=torch.channels_last)
+    cache = None
+    if cfg.cache_logits:
+        views = recipe.data.augment_views or 1  # augment: none -> one view
+        cache = LogitCache(train_size, views, num_classes, accelerator.device)
+    frozen = FrozenNetwork(network, cache, accelerator)
     lineage = {f"{kind}_checkpoint": str(Path(path).resolve()),
                f"{kind}_architecture": meta.get("architecture", name),
                f"{kind}_run_id": meta.get("mlflow_run_id", "")}
@@ -243,7 +248,7 @@ def setup(recipe: Recipe, source: str) -> Run:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if recipe.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    step_fn, lineage = build_frozen(recipe, num_classes, accelerator.device, input_dtype(accelerator))
+    step_fn, lineage = build_frozen(recipe, num_classes, accelerator, data.train_size, input_dtype(accelerator))
     optimizer = build_optimizer(model, recipe.optim)
     scheduler = build_scheduler(optimizer, recipe.optim, recipe.run.epochs, data.train.steps_per_epoch)
     if recipe.model.compile:
@@ -279,10 +284,12 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
     seen, taken, started = 0, 0, time.perf_counter()
     bar = _progress(acc, recipe, steps, state.step_in_epoch, epoch)
     batches: Iterator[tuple[Tensor, Tensor]] = run.data.train.epoch(epoch, state.step_in_epoch)
+    indices = _batch_indices(run, epoch, state.step_in_epoch)
     for images, labels in batches:
         images = _prepare_inputs(run, images)
+        index = torch.as_tensor(next(indices), device=images.device) if indices is not None else None
         with acc.autocast():
-            out = run.step_fn(run.model, images, labels)
+            out = run.step_fn(run.model, images, labels, index, epoch)
         run.optimizer.zero_grad(set_to_none=True)
         acc.backward(out["loss"])
         if recipe.optim.grad_clip > 0:
@@ -339,6 +346,14 @@ def _check_finite(acc: Any, window: list[tuple[int, dict[str, Tensor]]], epoch: 
             detail = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
             raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {epoch + 1}): {detail}")
     raise NonFiniteLoss(f"non-finite loss on another process by step {window[-1][0]} (epoch {epoch + 1})")
+
+
+def _batch_indices(run: Run, epoch: int, start_step: int) -> Iterator[list[int]] | None:
+    """Sample indices of each batch, for the frozen-logit cache (torch loader only)."""
+    source = run.data.train
+    if not hasattr(source, "batch_indices"):
+        return None
+    return iter(source.batch_indices(epoch, start_step))
 
 
 def _prepare_inputs(run: Run, images: Tensor) -> Tensor:

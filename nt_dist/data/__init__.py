@@ -91,7 +91,7 @@ def build_data(cfg: DataConfig, seed: int, rank: int, world: int, device: torch.
     if cfg.train_subset:
         train_base = _Subset(train_base, cfg.train_subset)
     train = SeededTransformDataset(
-        train_base, build_transform(cfg.name, cfg.augment, cfg.image_size, train=True), seed)
+        train_base, build_transform(cfg.name, cfg.augment, cfg.image_size, train=True), seed, cfg.augment_views)
     evaluation = SeededTransformDataset(
         eval_base, build_transform(cfg.name, cfg.augment, cfg.image_size, train=False), seed)
     if len(train) < cfg.batch_size * world:

@@ -22,16 +22,19 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 class SeededTransformDataset:
     """Wraps a map-style dataset; keys are ``(epoch, index)``, and each sample's transform
-    draws from its own RNG seeded by (seed, epoch, index)."""
+    draws from its own RNG seeded by (seed, epoch, index), or by (seed, epoch mod views, index)
+    when ``views`` > 0 (each sample cycles through ``views`` fixed augmented views)."""
 
-    def __init__(self, base: Any, transform: Callable[[Any], torch.Tensor], seed: int) -> None:
-        self.base, self.transform, self.seed = base, transform, seed
+    def __init__(self, base: Any, transform: Callable[[Any], torch.Tensor], seed: int, views: int = 0) -> None:
+        self.base, self.transform, self.seed, self.views = base, transform, seed, views
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         epoch, index = key
+        if self.views:
+            epoch %= self.views
         image, label = self.base[index]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, index))
@@ -76,6 +79,11 @@ class TorchTrainSource:
     @property
     def steps_per_epoch(self) -> int:
         return len(self.dataset) // (self.batch_size * self.world)
+
+    def batch_indices(self, epoch: int, start_step: int = 0) -> list[list[int]]:
+        """The sample indices of this rank's batches, in the order :meth:`epoch` yields them."""
+        batches = train_batches(len(self.dataset), self.batch_size, self.seed, epoch, self.rank, self.world, start_step)
+        return [[index for _, index in batch] for batch in batches]
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         batches = train_batches(len(self.dataset), self.batch_size, self.seed, epoch,

@@ -1,0 +1,91 @@
+"""The frozen network's logits (adversary of a nasty teacher, teacher of a student).
+
+A naive nasty-teacher step runs a full forward of the frozen network on every batch: about
++28 % over a normal step for a ResNet-18 on CPU. The network never changes, so its logits are a
+pure function of the input image. When the augmentation repeats (``data.augment_views: K``:
+every sample cycles through K fixed augmented views; or ``data.augment: none``), each
+(sample, view) pair is computed once and served from :class:`LogitCache` afterwards: after
+the first K epochs a step costs what a normal step costs. The trade-off is the augmentation
+diversity (K views per sample instead of a fresh one every epoch), measured in
+``benchmarks/RESULTS.md``; the loss computed for a given image is unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def frozen_logits(network: nn.Module, images: Tensor) -> Tensor:
+    """Logits of a frozen network: eval mode, inference mode, no autograd graph. The clone
+    turns the inference tensor into one autograd may save for the loss's backward."""
+    with torch.inference_mode():
+        logits = network(images)
+    return logits.clone()
+
+
+class LogitCache:
+    """Dense ``[samples, views, classes]`` store of fp32 logits with a filled mask.
+
+    Memory: ``samples x views x classes x 4`` bytes on the training device (CIFAR-10, 20 views:
+    40 MB; Tiny-ImageNet, 20 views: 1.6 GB). Not checkpointed: after a resume it refills.
+    """
+
+    def __init__(self, samples: int, views: int, classes: int, device: torch.device) -> None:
+        self.views = views
+        self.logits = torch.zeros(samples, views, classes, dtype=torch.float32, device=device)
+        self.filled = torch.zeros(samples, views, dtype=torch.bool, device=device)
+        self.count = 0
+        self.capacity = samples * views
+
+    @property
+    def complete(self) -> bool:
+        return self.count >= self.capacity
+
+    def lookup(self, index: Tensor, view: Tensor) -> tuple[Tensor, Tensor]:
+        return self.filled[index, view], self.logits[index, view]
+
+    def store(self, index: Tensor, view: Tensor, logits: Tensor) -> None:
+        fresh = ~self.filled[index, view]
+        self.count += int(fresh.sum().item())  # duplicates in one batch cannot occur: one view per epoch
+        self.logits[index, view] = logits.float()
+        self.filled[index, view] = True
+
+
+class FrozenNetwork:
+    """Callable ``(images, index, epoch) -> logits`` over the frozen network and its cache.
+
+    Under several processes, each rank shares what it computed with the others (one
+    all-gather of the batch's indices and logits per step, only while the cache fills), so a
+    sample computed on rank 0 in epoch 0 is a hit on rank 1 in epoch K.
+    """
+
+    def __init__(self, network: nn.Module, cache: LogitCache | None = None, accelerator: Any = None) -> None:
+        self.network, self.cache, self.accelerator = network, cache, accelerator
+        self.hits = 0
+        self.misses = 0
+
+    def __call__(self, images: Tensor, index: Tensor | None = None, epoch: int = 0) -> Tensor:
+        if self.cache is None or index is None:
+            return frozen_logits(self.network, images)
+        view = torch.full_like(index, epoch % self.cache.views)
+        filling = not self.cache.complete
+        hit, cached = self.cache.lookup(index, view)
+        logits = cached.clone()
+        miss = ~hit
+        n_miss = int(miss.sum().item())
+        if n_miss:
+            logits[miss] = frozen_logits(self.network, images[miss]).float()
+        self.misses += n_miss
+        self.hits += len(index) - n_miss
+        if filling:
+            self._share_and_store(index, view, logits)
+        return logits
+
+    def _share_and_store(self, index: Tensor, view: Tensor, logits: Tensor) -> None:
+        acc = self.accelerator
+        if acc is not None and acc.num_processes > 1:
+            index, view, logits = acc.gather(index), acc.gather(view), acc.gather(logits)
+        self.cache.store(index, view, logits)
