@@ -1,6 +1,6 @@
 """What caching the adversary's logits costs in augmentation diversity, on the embedded digits.
 
-    python benchmarks/view_cache_tradeoff.py [--views 1 4 8] [--out runs/view_cache]   # ~4 min, 2-core CPU
+    python benchmarks/view_cache_tradeoff.py [--views 1 4 8] [--out runs/view_cache]   # ~6 min, 2-core CPU
 
 Trains the quickstart's normal teacher once, then for each setting a nasty teacher (fresh
 augmentation every epoch, or K fixed views per sample with ``nasty.cache_logits``) and the
