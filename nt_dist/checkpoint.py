@@ -18,9 +18,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -120,7 +121,7 @@ def read_model_file(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise UserError(f"{key}: {path}: not a state dict of tensors")
+            raise UserError(f"{key}: {path}: not a state dict of tensors") from None
         return obj, {}
 
 

@@ -8,7 +8,6 @@ probabilities of 200 classes differ in the fourth decimal and bf16 rounds that a
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -23,7 +23,6 @@ from nt_dist.checkpoint import atomic_write_text
 from nt_dist.config import load_recipe
 
 
-
 def recipes_dir() -> Path:
     """``recipes/`` of the source checkout (editable install), else the copy a wheel installs
     under ``<prefix>/share/nt_dist/recipes``."""

@@ -20,11 +20,12 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +100,7 @@ class Run:
     output_dir: Path
     lineage: dict[str, str] = field(default_factory=dict)
     input_dtype: torch.dtype | None = None  # DeepSpeed bf16/fp16 engines take low-precision inputs
-    preempt: "Preemption | None" = None
+    preempt: Preemption | None = None
 
 
 class NonFiniteLoss(Exception):
@@ -341,7 +342,7 @@ def _check_finite(acc: Any, window: list[tuple[int, dict[str, Tensor]]], epoch: 
         bad = acc.reduce(bad, reduction="sum")
     if bad.item() == 0:
         return
-    for (step, parts), loss in zip(window, losses.tolist()):
+    for (step, parts), loss in zip(window, losses.tolist(), strict=True):
         if not math.isfinite(loss):
             detail = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
             raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {epoch + 1}): {detail}")
@@ -481,7 +482,8 @@ def _loop(run: Run) -> dict[str, float]:
 def finish(run: Run, metrics: dict[str, float]) -> None:
     """Model-only export, final metrics (their presence marks the run complete), artifacts."""
     acc, recipe = run.accelerator, run.recipe
-    state_dict = acc.get_state_dict(run.model)
+    # torch.compile wraps the module: export the plain module's names
+    state_dict = {k.replace("_orig_mod.", ""): v for k, v in acc.get_state_dict(run.model).items()}
     run.state.mlflow_run_id = run.tracker.run_id or run.state.mlflow_run_id
     if acc.is_main_process:
         meta = {"architecture": recipe.model.name, "num_classes": run.data.num_classes,

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 NT_DIST = str(Path(sys.executable).with_name("nt-dist"))
@@ -69,3 +68,35 @@ def test_fp16_on_cpu_is_refused(tmp_path: Path):
     proc = nt("train", str(REPO / "recipes" / "digits_teacher.yaml"), "--set", "run.precision=fp16",
               "--set", f"run.output_dir={tmp_path / 'out'}", cwd=tmp_path)
     assert_one_line_error(proc, "run.precision")
+
+
+def test_ui_serves_the_embedded_store_on_loopback(tmp_path: Path):
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    from conftest import free_port
+
+    assert_one_line_error(nt("ui", "--db", str(tmp_path / "none.db"), cwd=tmp_path), "none.db")
+    db = tmp_path / "mlflow.db"
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{db}").create_experiment("ui-check")
+    port = free_port()
+    proc = subprocess.Popen([NT_DIST, "ui", "--port", str(port), "--db", str(db)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline, body = time.time() + 120, b""
+        while time.time() < deadline and not body:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
+                                                 data=b'{"max_results": 10}', headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=2) as response:
+                    body = response.read()
+            except OSError:
+                time.sleep(0.5)
+        assert b"ui-check" in body
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, tiny_overrides
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
-
-from conftest import REPO, tiny_overrides
 
 pytestmark = pytest.mark.distributed
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, tiny_overrides
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_overrides
 from nt_dist.config import load_recipe
 from nt_dist.errors import UserError
 from nt_dist.frozen import FrozenNetwork, LogitCache

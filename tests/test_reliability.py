@@ -12,9 +12,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import REPO, MlflowServer, tiny_overrides
+from mlflow.tracking import MlflowClient
 
 NT_DIST = str(Path(sys.executable).with_name("nt-dist"))
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))

@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import REPO, tiny_overrides
+from safetensors.torch import load_file
 
 NT_DIST = str(Path(sys.executable).with_name("nt-dist"))
 

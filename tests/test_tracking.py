@@ -7,9 +7,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import REPO, MlflowServer, free_port, tiny_overrides
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, MlflowServer, free_port, tiny_overrides
 from nt_dist import train as train_module
 from nt_dist.config import load_recipe
 from nt_dist.train import train

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, tiny_overrides
 from safetensors import safe_open
 
-from conftest import REPO, tiny_overrides
 from nt_dist.checkpoint import export_model, load_frozen_model
 from nt_dist.config import load_recipe
 from nt_dist.errors import UserError
@@ -136,3 +136,17 @@ def test_pickle_that_would_run_code_is_refused(tmp_path: Path):
             load_frozen_model("cifar_cnn", str(target), 10, "nasty.adversary_checkpoint", create_model)
         assert "nasty.adversary_checkpoint" in str(info.value)
     assert "refusing to unpickle" in str(info.value)
+
+
+def test_channels_last_compile_and_bf16_autocast_train_on_cpu(tmp_path: Path):
+    """The GPU-oriented switches work on the CPU path too (tiny model: bf16 is slow here)."""
+    out = tmp_path / "switches"
+    final = run("digits_student.yaml", out, "baseline", **{
+        "model.channels_last": "true", "model.compile": "true", "run.precision": "bf16",
+        "run.epochs": "1", "tracking.enabled": "false"})
+    assert 0 <= final["test_top1"] <= 100
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "model.safetensors"))
+    assert all(not k.startswith("_orig_mod") for k in weights)  # the export is the plain module
+    assert {v.dtype for v in weights.values()} == {torch.float32}

@@ -7,8 +7,9 @@ training loop iterates, through FFCV (``data.loader: ffcv``) or torchvision + Da
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 

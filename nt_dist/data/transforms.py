@@ -7,7 +7,8 @@ processes, or whether the run was resumed half-way through an epoch.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torchvision.transforms.v2 as T
