@@ -145,8 +145,12 @@ def build_accelerator(recipe: Recipe) -> Any:
     path (``cpu=True``), or, under DeepSpeed (which ``cpu=True`` would switch off), by naming
     the backend."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import InitProcessGroupKwargs
 
+    # accelerate keeps one process-wide state: forget the previous run's precision when several
+    # recipes train in one process (the quickstart; library use). The process group stays.
+    AcceleratorState._reset_state()
     precision = recipe.run.precision
     cuda = torch.cuda.is_available()
     if precision == "fp16" and not cuda:
@@ -482,15 +486,16 @@ def _loop(run: Run) -> dict[str, float]:
 def finish(run: Run, metrics: dict[str, float]) -> None:
     """Model-only export, final metrics (their presence marks the run complete), artifacts."""
     acc, recipe = run.accelerator, run.recipe
-    # torch.compile wraps the module: export the plain module's names
-    state_dict = {k.replace("_orig_mod.", ""): v for k, v in acc.get_state_dict(run.model).items()}
+    state_dict = acc.get_state_dict(run.model)  # a collective under ZeRO-3; None off the main rank
     run.state.mlflow_run_id = run.tracker.run_id or run.state.mlflow_run_id
     if acc.is_main_process:
         meta = {"architecture": recipe.model.name, "num_classes": run.data.num_classes,
                 "role": recipe.run.role, "dataset": recipe.data.name, "image_size": recipe.data.image_size,
                 "mlflow_run_id": run.state.mlflow_run_id, "nt_dist_version": __version__,
                 "test_top1": f"{metrics.get('test_top1', float('nan')):.4f}"}
-        checkpoint.export_model(state_dict, run.output_dir / checkpoint.MODEL_FILE, meta)
+        # torch.compile wraps the module: export the plain module's names
+        plain = {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
+        checkpoint.export_model(plain, run.output_dir / checkpoint.MODEL_FILE, meta)
         summary = {"final": {k: metrics[k] for k in ("test_top1", "test_top5", "test_ce") if k in metrics},
                    "global_step": run.state.global_step, "mlflow_run_id": run.state.mlflow_run_id,
                    "role": recipe.run.role, "name": recipe.run.name}
