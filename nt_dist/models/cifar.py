@@ -428,6 +428,23 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
+def _pointwise(channels: int) -> list[nn.Module]:
+    """``1x1 -> BN -> ReLU`` at constant width (the head of a ShuffleNetV2 residual branch)."""
+    return [nn.Conv2d(channels, channels, 1), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+
+
+def _depthwise_project(in_channels: int, out_channels: int, stride: int) -> list[nn.Module]:
+    """``dw3x3 -> BN -> 1x1 -> BN -> ReLU``: the tail both ShuffleNetV2 branches share. Returned
+    as a list so each branch stays one flat ``nn.Sequential`` (the authors' parameter names)."""
+    return [
+        nn.Conv2d(in_channels, in_channels, 3, stride=stride, padding=1, groups=in_channels),
+        nn.BatchNorm2d(in_channels),
+        nn.Conv2d(in_channels, out_channels, 1),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    ]
+
+
 class ShuffleUnit(nn.Module):
     """ShuffleNetV2 unit. Stride 1 with equal widths: split channels in half, transform one half
     (``1x1 -> BN -> ReLU -> dw3x3 -> BN -> 1x1 -> BN -> ReLU``), concat, shuffle. Otherwise both
@@ -439,40 +456,12 @@ class ShuffleUnit(nn.Module):
         self.split = stride == 1 and in_channels == out_channels
         half = out_channels // 2
         if not self.split:
-            self.residual = nn.Sequential(
-                nn.Conv2d(in_channels, in_channels, 1),
-                nn.BatchNorm2d(in_channels),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(
-                    in_channels, in_channels, 3, stride=stride, padding=1, groups=in_channels
-                ),
-                nn.BatchNorm2d(in_channels),
-                nn.Conv2d(in_channels, half, 1),
-                nn.BatchNorm2d(half),
-                nn.ReLU(inplace=True),
-            )
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(
-                    in_channels, in_channels, 3, stride=stride, padding=1, groups=in_channels
-                ),
-                nn.BatchNorm2d(in_channels),
-                nn.Conv2d(in_channels, half, 1),
-                nn.BatchNorm2d(half),
-                nn.ReLU(inplace=True),
-            )
+            self.residual = nn.Sequential(*_pointwise(in_channels), *_depthwise_project(in_channels, half, stride))
+            self.shortcut = nn.Sequential(*_depthwise_project(in_channels, half, stride))
         else:
             c = in_channels // 2
             self.shortcut = nn.Sequential()
-            self.residual = nn.Sequential(
-                nn.Conv2d(c, c, 1),
-                nn.BatchNorm2d(c),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(c, c, 3, stride=stride, padding=1, groups=c),
-                nn.BatchNorm2d(c),
-                nn.Conv2d(c, c, 1),
-                nn.BatchNorm2d(c),
-                nn.ReLU(inplace=True),
-            )
+            self.residual = nn.Sequential(*_pointwise(c), *_depthwise_project(c, c, stride))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.split:
