@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -183,7 +184,7 @@ def build_frozen(recipe: Recipe, num_classes: int, accelerator: Any, train_size:
         cfg, key, kind = recipe.distill, "distill.teacher_checkpoint", "teacher"
         name, path = cfg.teacher, cfg.teacher_checkpoint
     network, meta = checkpoint.load_frozen_model(
-        name, path, num_classes, key, partial(_frozen_model, key=key.replace("_checkpoint", "")))
+        name, path, num_classes, key, partial(make_model, key=key.replace("_checkpoint", "")))
     network = network.to(device=accelerator.device, dtype=dtype)
     if recipe.model.channels_last:
         network = network.to(memory_format=torch.channels_last)
@@ -200,10 +201,6 @@ def build_frozen(recipe: Recipe, num_classes: int, accelerator: Any, train_size:
     else:
         step = partial(student_step, teacher=frozen, tau=recipe.distill.tau, alpha=recipe.distill.alpha)
     return step, lineage
-
-
-def _frozen_model(name: str, num_classes: int, key: str) -> nn.Module:
-    return make_model(name, num_classes, key)
 
 
 def _fill_deepspeed_config(accelerator: Any, recipe: Recipe) -> None:
@@ -253,7 +250,8 @@ def setup(recipe: Recipe, source: str) -> Run:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if recipe.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    step_fn, lineage = build_frozen(recipe, num_classes, accelerator, data.train_size, input_dtype(accelerator))
+    dtype = input_dtype(accelerator)
+    step_fn, lineage = build_frozen(recipe, num_classes, accelerator, data.train_size, dtype)
     optimizer = build_optimizer(model, recipe.optim)
     scheduler = build_scheduler(optimizer, recipe.optim, recipe.run.epochs, data.train.steps_per_epoch)
     if recipe.model.compile:
@@ -262,8 +260,6 @@ def setup(recipe: Recipe, source: str) -> Run:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if recipe.run.resume == "never" and accelerator.is_main_process:
         for old in checkpoint.checkpoint_dirs(output_dir):
-            import shutil
-
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     resumed = checkpoint.resume(accelerator, output_dir, recipe.run.resume)
@@ -273,7 +269,7 @@ def setup(recipe: Recipe, source: str) -> Run:
               f"step {state.step_in_epoch} of the epoch, global step {state.global_step})", flush=True)
     tracker = Tracker(recipe.tracking, output_dir, active=accelerator.is_main_process)
     return Run(recipe, accelerator, model, optimizer, scheduler, data, step_fn, tracker, state,
-               output_dir, lineage, input_dtype=input_dtype(accelerator))
+               output_dir, lineage, input_dtype=dtype)
 
 
 # ============================================================================ epoch and evaluation
@@ -354,11 +350,13 @@ def _check_finite(acc: Any, window: list[tuple[int, dict[str, Tensor]]], epoch: 
 
 
 def _batch_indices(run: Run, epoch: int, start_step: int) -> Iterator[list[int]] | None:
-    """Sample indices of each batch, for the frozen-logit cache (torch loader only)."""
-    source = run.data.train
-    if not hasattr(source, "batch_indices"):
+    """Sample indices of each batch, read only by the frozen-logit cache (torch loader only;
+    the recipe check refuses the cache with ffcv)."""
+    role, recipe = run.recipe.run.role, run.recipe
+    cached = (role == "nasty" and recipe.nasty.cache_logits) or (role == "student" and recipe.distill.cache_logits)
+    if not cached:
         return None
-    return iter(source.batch_indices(epoch, start_step))
+    return iter(run.data.train.batch_indices(epoch, start_step))
 
 
 def _prepare_inputs(run: Run, images: Tensor) -> Tensor:

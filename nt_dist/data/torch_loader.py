@@ -10,13 +10,13 @@ so that 2 processes x B/2 train exactly like 1 process x B.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from nt_dist.data.transforms import normalise, sample_seed
+from nt_dist.data.transforms import Normalise, sample_seed
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -76,21 +76,25 @@ class TorchTrainSource:
     world: int
     num_workers: int
     device: torch.device
+    normalise: Normalise = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.normalise = Normalise(self.dataset_name, self.device)
 
     @property
     def steps_per_epoch(self) -> int:
         return len(self.dataset) // (self.batch_size * self.world)
 
+    def _batches(self, epoch: int, start_step: int) -> list[list[tuple[int, int]]]:
+        return train_batches(len(self.dataset), self.batch_size, self.seed, epoch, self.rank, self.world, start_step)
+
     def batch_indices(self, epoch: int, start_step: int = 0) -> list[list[int]]:
         """The sample indices of this rank's batches, in the order :meth:`epoch` yields them."""
-        batches = train_batches(len(self.dataset), self.batch_size, self.seed, epoch, self.rank, self.world, start_step)
-        return [[index for _, index in batch] for batch in batches]
+        return [[index for _, index in batch] for batch in self._batches(epoch, start_step)]
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        batches = train_batches(len(self.dataset), self.batch_size, self.seed, epoch,
-                                self.rank, self.world, start_step)
-        yield from _to_device(_loader(self.dataset, batches, self.num_workers, self.device), self.device,
-                              self.dataset_name)
+        loader = _loader(self.dataset, self._batches(epoch, start_step), self.num_workers, self.device)
+        yield from _to_device(loader, self.device, self.normalise)
 
 
 @dataclass
@@ -102,6 +106,10 @@ class TorchEvalSource:
     world: int
     num_workers: int
     device: torch.device
+    normalise: Normalise = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.normalise = Normalise(self.dataset_name, self.device)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -111,7 +119,7 @@ class TorchEvalSource:
         keys = [(0, i) for i in shard]
         batches = [keys[i:i + self.batch_size] for i in range(0, len(keys), self.batch_size)]
         yield from _to_device(_loader(self.dataset, batches, self.num_workers, self.device), self.device,
-                              self.dataset_name)
+                              self.normalise)
 
 
 def _loader(dataset: Any, batches: Sequence[Sequence[Any]], workers: int, device: torch.device) -> DataLoader:
@@ -119,7 +127,7 @@ def _loader(dataset: Any, batches: Sequence[Sequence[Any]], workers: int, device
                       pin_memory=device.type == "cuda", persistent_workers=False)
 
 
-def _to_device(loader: DataLoader, device: torch.device, dataset_name: str) -> Iterator[Batch]:
+def _to_device(loader: DataLoader, device: torch.device, normalise: Normalise) -> Iterator[Batch]:
     for images, labels in loader:
-        images = normalise(images.to(device, non_blocking=True), dataset_name)
+        images = normalise(images.to(device, non_blocking=True))
         yield images, labels.to(device, non_blocking=True)
