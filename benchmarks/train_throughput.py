@@ -11,9 +11,12 @@ are what to compare) and the median step time of each is reported:
 
   normal          CE step of the teacher
   nasty (naive)   the authors' design: a full adversary forward on every step
+  nasty (bf16 adversary)  nasty.adversary_precision: bf16: the adversary forward every step,
+                  under bf16 autocast (only where bf16 is native to the device, or with
+                  --bf16-frozen; under --precision bf16 it equals the naive row)
   nasty (cached)  nt_dist with data.augment_views + nasty.cache_logits, once the views are
                   cached (after the first K epochs): the adversary's logits come from memory
-  student ...     the same two for Hinton KD from a frozen teacher
+  student ...     the same for Hinton KD from a frozen teacher
 
 Prints a markdown table, then ``nasty/normal step time: X.XX`` (the cached configuration, the
 fastest exact one) as the last line, and logs to MLflow (experiment ``benchmarks``).
@@ -43,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from nt_dist.config import DataConfig  # noqa: E402
 from nt_dist.data import build_data  # noqa: E402
-from nt_dist.frozen import FrozenNetwork, LogitCache  # noqa: E402
+from nt_dist.frozen import FrozenNetwork, LogitCache, native_bf16  # noqa: E402
 from nt_dist.models import create_model  # noqa: E402
 from nt_dist.train import ce_step, nasty_step, student_step  # noqa: E402
 
@@ -62,6 +65,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="timed steps per role per round")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--bf16-frozen", action="store_true",
+                   help="time the bf16 frozen-forward rows even where bf16 is not native (slow)")
     p.add_argument("--scaling", action="store_true", help="also run 2 processes and report scaling efficiency")
     p.add_argument("--no-mlflow", action="store_true")
     p.add_argument("--worker-out", default="", help=argparse.SUPPRESS)  # internal: one process of --scaling
@@ -94,6 +99,7 @@ def make_roles(args: argparse.Namespace, accelerator: Any) -> tuple[dict[str, Ca
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
     naive = FrozenNetwork(frozen)
+    low = FrozenNetwork(frozen, precision="bf16")
     cache = LogitCache(args.batch, 1, 10, device)
     cached = FrozenNetwork(frozen, cache, None)
     cached(images, index, 0)  # fill: the steady state after the first K epochs
@@ -110,10 +116,14 @@ def make_roles(args: argparse.Namespace, accelerator: Any) -> tuple[dict[str, Ca
     roles = {
         "normal": step(ce_step),
         "nasty (naive)": step(nasty_step, adversary=naive, tau=4.0, omega=0.01),
+        "nasty (bf16 adversary)": step(nasty_step, adversary=low, tau=4.0, omega=0.01),
         "nasty (cached)": step(nasty_step, adversary=cached, tau=4.0, omega=0.01),
         "student (naive)": step(student_step, teacher=naive, tau=4.0, alpha=0.9),
+        "student (bf16 teacher)": step(student_step, teacher=low, tau=4.0, alpha=0.9),
         "student (cached)": step(student_step, teacher=cached, tau=4.0, alpha=0.9),
     }
+    if not (args.bf16_frozen or native_bf16(device)):
+        del roles["nasty (bf16 adversary)"], roles["student (bf16 teacher)"]
     return roles, {"model": model, "frozen": frozen, "images": images}
 
 
@@ -161,7 +171,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     world = accelerator.num_processes
     result: dict[str, Any] = {
         "processes": world, "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(), "seconds": seconds,
+        "threads": torch.get_num_threads(), "seconds": seconds, "native_bf16": native_bf16(accelerator.device),
         "images_per_s": {k: args.batch * world / v for k, v in seconds.items()},
     }
     if cuda:
@@ -169,7 +179,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         train_flops = 3 * forward_flops(unwrapped, parts["images"]) * args.batch
         frozen_flops = forward_flops(parts["frozen"], parts["images"]) * args.batch
         peak = next((v for (name, prec), v in PEAKS.items() if name in result["device"] and prec == args.precision), 0)
-        extra = {"normal": 0.0, "nasty (naive)": frozen_flops, "student (naive)": frozen_flops}
+        extra = {name: frozen_flops for name in seconds if "cached" not in name and name != "normal"}
         result["mfu"] = {k: (train_flops + extra.get(k, 0.0)) / v / peak if peak else float("nan")
                          for k, v in seconds.items()}
     return result
@@ -226,7 +236,7 @@ def log_mlflow(args: argparse.Namespace, one: dict[str, Any],
         mlflow.log_params({"model": args.model, "batch": args.batch, "image_size": args.image_size,
                            "precision": args.precision, "device": one["device"], "threads": one["threads"],
                            "quick": args.quick, "channels_last": args.channels_last, "date": str(date.today())})
-        slug = {k: k.replace(" (", "_").replace(")", "") for k in one["seconds"]}
+        slug = {k: k.replace(" (", "_").replace(")", "").replace(" ", "_") for k in one["seconds"]}
         normal = one["seconds"]["normal"]
         for name, sec in one["seconds"].items():
             mlflow.log_metric(f"ms_per_step.{slug[name]}", sec * 1000)
@@ -253,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     one = measure(args)
     scaling = (launch(args, 1), launch(args, 2)) if args.scaling else None
     print(f"# train_throughput {date.today()}: {args.model}, {args.image_size} px, batch {args.batch}/process, "
-          f"precision {args.precision}, {one['device']}, {one['threads']} threads, "
+          f"precision {args.precision}, {one['device']} (native bf16: {one['native_bf16']}), {one['threads']} threads, "
           f"{args.rounds} rounds x {args.steps} steps per role ({time.perf_counter() - started:.0f} s)")
     print(table(args, one, scaling))
     if not args.no_mlflow:
@@ -264,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     # amortised over a 200-epoch run whose 20 views are computed in the first 20 epochs
     amortised = (20 * naive + 180 * cached) / 200
     print(f"nasty/normal step time, naive (adversary forward every step): {naive:.2f}")
+    if "nasty (bf16 adversary)" in s:
+        print(f"nasty/normal step time, bf16 adversary forward every step: {s['nasty (bf16 adversary)'] / s['normal']:.2f}")
     print(f"nasty/normal step time, cached, amortised over 200 epochs with 20 views: {amortised:.2f}")
     print(f"nasty/normal step time: {cached:.2f}")
     return 0

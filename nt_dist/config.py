@@ -113,6 +113,9 @@ class NastyConfig:
     tau: float = Field(default=4.0, gt=0)
     omega: float = Field(default=0.04, ge=0)
     cache_logits: bool = False  # serve f_A's logits of repeated views from memory (see nt_dist/frozen.py)
+    # f_A's forward: run (as run.precision) | fp32 | bf16 (autocast for f_A alone: ~1.9x cheaper
+    # forward where bf16 is native; the KL stays fp32; see benchmarks/RESULTS.md)
+    adversary_precision: Literal["run", "fp32", "bf16"] = "run"
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -124,6 +127,7 @@ class DistillConfig:
     tau: float = Field(default=4.0, gt=0)
     alpha: float = Field(default=0.9, ge=0, le=1)
     cache_logits: bool = False  # serve f_T's logits of repeated views from memory
+    teacher_precision: Literal["run", "fp32", "bf16"] = "run"  # f_T's forward, as nasty.adversary_precision
 
 
 @dataclass(frozen=True, config=_STRICT)

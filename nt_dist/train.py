@@ -37,8 +37,8 @@ from nt_dist import __version__, checkpoint
 from nt_dist.checkpoint import TrainState
 from nt_dist.config import Recipe, flatten, load_recipe, recipe_to_dict
 from nt_dist.data import DataBundle, build_data
-from nt_dist.errors import EXIT_USER_ERROR, UserError
-from nt_dist.frozen import FrozenNetwork, LogitCache
+from nt_dist.errors import EXIT_USER_ERROR, UserError, warn
+from nt_dist.frozen import FrozenNetwork, LogitCache, native_bf16
 from nt_dist.losses import kd_loss, nasty_teacher_loss
 from nt_dist.models import UnknownModelError, create_model
 from nt_dist.optim import build_optimizer, build_scheduler
@@ -185,14 +185,18 @@ def build_frozen(recipe: Recipe, num_classes: int, accelerator: Any, train_size:
         name, path = cfg.teacher, cfg.teacher_checkpoint
     network, meta = checkpoint.load_frozen_model(
         name, path, num_classes, key, partial(make_model, key=key.replace("_checkpoint", "")))
-    network = network.to(device=accelerator.device, dtype=dtype)
+    precision = cfg.adversary_precision if role == "nasty" else cfg.teacher_precision
+    network = network.to(device=accelerator.device, dtype=None if precision == "fp32" else dtype)
     if recipe.model.channels_last:
         network = network.to(memory_format=torch.channels_last)
+    if precision == "bf16" and not native_bf16(accelerator.device) and accelerator.is_main_process:
+        warn(f"{key.split('.')[0]}.{kind}_precision: bf16 has no hardware support on this "
+             f"{accelerator.device.type} and runs slower than fp32 here; use run or fp32")
     cache = None
     if cfg.cache_logits:
         views = recipe.data.augment_views or 1  # augment: none -> one view
         cache = LogitCache(train_size, views, num_classes, accelerator.device)
-    frozen = FrozenNetwork(network, cache, accelerator)
+    frozen = FrozenNetwork(network, cache, accelerator, precision)
     lineage = {f"{kind}_checkpoint": str(Path(path).resolve()),
                f"{kind}_architecture": meta.get("architecture", name),
                f"{kind}_run_id": meta.get("mlflow_run_id", "")}

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 
 from nt_dist.config import load_recipe
 from nt_dist.errors import UserError
-from nt_dist.frozen import FrozenNetwork, LogitCache
+from nt_dist.frozen import FrozenNetwork, LogitCache, frozen_logits, native_bf16
 from nt_dist.models import create_model
-from nt_dist.train import train
+from nt_dist.train import nasty_step, train
 
 
 class Counting(torch.nn.Module):
@@ -78,3 +78,86 @@ def test_cache_needs_repeating_views(tmp_path: Path):
     with pytest.raises(UserError, match="data.augment_views: needs data.loader: torch"):
         load_recipe(REPO / "recipes" / "digits_nasty.yaml", ["data.augment_views=4", "data.loader=ffcv"])
     assert load_recipe(REPO / "recipes" / "digits_nasty.yaml", ["nasty.cache_logits=true", "data.augment=none"])
+
+
+# ---------------------------------------------------------------------------- frozen precision
+
+
+def test_frozen_precision_bf16_is_bf16_autocast_returned_in_fp32():
+    torch.manual_seed(0)
+    net = create_model("cifar_cnn", 10).eval()
+    images = torch.randn(16, 3, 16, 16)
+    exact = frozen_logits(net, images, "fp32")
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = net(images).float()  # what bf16 autocast gives for the whole forward
+    rounded = frozen_logits(net, images, "bf16")
+    assert rounded.dtype == torch.float32 and not rounded.is_inference()
+    assert torch.equal(rounded, reference)
+    assert not torch.equal(rounded, exact)  # bf16 did run ...
+    torch.testing.assert_close(rounded, exact, rtol=0.05, atol=0.05)  # ... and stays close
+
+
+def test_frozen_precision_fp32_and_run_under_a_bf16_training_step():
+    torch.manual_seed(0)
+    net = create_model("cifar_cnn", 10).eval()
+    images = torch.randn(4, 3, 16, 16)
+    with torch.inference_mode():
+        exact = net(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # run.precision: bf16
+        full = frozen_logits(net, images, "fp32")
+        inherited = frozen_logits(net, images, "run")
+    assert full.dtype == torch.float32 and torch.equal(full, exact)
+    assert inherited.dtype == torch.bfloat16
+
+
+def test_cached_logits_use_the_frozen_precision():
+    torch.manual_seed(0)
+    net = create_model("cifar_cnn", 10).eval()
+    images = torch.randn(4, 3, 16, 16)
+    cached = FrozenNetwork(net, LogitCache(samples=4, views=1, classes=10, device=torch.device("cpu")),
+                           precision="bf16")
+    torch.testing.assert_close(cached(images, torch.arange(4), 0), frozen_logits(net, images, "bf16"), rtol=0, atol=0)
+
+
+def test_a_bf16_adversary_moves_the_nasty_gradient_by_rounding_only():
+    """One nasty step (ω = 0.08, τ = 4, the digits recipe) with the adversary's forward in bf16:
+    the teacher's parameter gradients stay within 1 % of the fp32 ones."""
+    torch.manual_seed(0)
+    adversary = create_model("cifar_cnn", 10).eval()
+    teacher = create_model("cifar_cnn", 10)
+    images, labels = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
+    grads = {}
+    for precision in ("fp32", "bf16"):
+        teacher.zero_grad()
+        out = nasty_step(teacher, images, labels, adversary=FrozenNetwork(adversary, precision=precision),
+                         tau=4.0, omega=0.08)
+        out["loss"].backward()
+        grads[precision] = torch.cat([p.grad.flatten() for p in teacher.parameters()])
+    error = (grads["bf16"] - grads["fp32"]).norm() / grads["fp32"].norm()
+    assert 0 < error < 1e-2
+
+
+def test_nasty_training_with_a_bf16_adversary(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """The recipe key reaches the adversary's forward (the weights move, unlike with "run",
+    which is fp32 here); on a CPU without native bf16 the run says so in one line."""
+    teacher = tmp_path / "teacher"
+    train(load_recipe(REPO / "recipes" / "digits_teacher.yaml", tiny_overrides(teacher, "teacher")))
+    common = {"nasty.adversary_checkpoint": str(teacher), "tracking.enabled": "false", "run.epochs": "1"}
+    runs = {}
+    for precision in ("run", "fp32", "bf16"):
+        out = tmp_path / precision
+        capsys.readouterr()
+        train(load_recipe(REPO / "recipes" / "digits_nasty.yaml",
+                          tiny_overrides(out, "nasty", **common, **{"nasty.adversary_precision": precision})))
+        runs[precision] = weights(out)
+        warned = "nasty.adversary_precision: bf16 has no hardware support" in capsys.readouterr().err
+        assert warned == (precision == "bf16" and not native_bf16(torch.device("cpu")))
+    assert all(torch.equal(runs["run"][name], value) for name, value in runs["fp32"].items())
+    assert not all(torch.equal(runs["bf16"][name], value) for name, value in runs["fp32"].items())
+
+
+def test_frozen_precision_is_a_checked_recipe_key():
+    with pytest.raises(UserError, match="nasty.adversary_precision"):
+        load_recipe(REPO / "recipes" / "digits_nasty.yaml", ["nasty.adversary_precision=fp16"])
+    recipe = load_recipe(REPO / "recipes" / "digits_student.yaml", ["distill.teacher_precision=bf16"])
+    assert recipe.distill.teacher_precision == "bf16"
