@@ -156,6 +156,10 @@ def build_accelerator(recipe: Recipe) -> Any:
     cuda = torch.cuda.is_available()
     if precision == "fp16" and not cuda:
         raise UserError("run.precision: fp16 needs a GPU; use bf16 or no on CPU")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise UserError("accelerate config: distributed_type FSDP is not supported: under FSDP each rank keeps "
+                        "its own BatchNorm running statistics (DDP and ZeRO broadcast them) and accelerate runs "
+                        "FSDP on GPUs only; shard with cluster/deepspeed_zero3.yaml instead")
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     backend = {"backend": "gloo"} if deepspeed and not cuda else {}
     handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=10), **backend)]

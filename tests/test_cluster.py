@@ -75,6 +75,30 @@ def fake_slurm(bin_dir: Path, log: Path) -> None:
         (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IXUSR)
 
 
+FSDP2 = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "FSDP", "num_machines": 1, "num_processes": 2,
+         "machine_rank": 0, "mixed_precision": "no", "use_cpu": False, "rdzv_backend": "static", "same_network": True,
+         "fsdp_config": {"fsdp_version": 2, "fsdp_auto_wrap_policy": "SIZE_BASED_WRAP", "fsdp_min_num_params": 100000,
+                         "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_cpu_ram_efficient_loading": False}}
+
+
+def test_an_fsdp_launch_is_refused_in_one_line(tmp_path: Path):
+    """Without the check, accelerate silently trains plain DDP (or unconnected processes)
+    under an FSDP config on CPU; on GPUs FSDP would desynchronise BatchNorm statistics."""
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(yaml.safe_dump(FSDP2))
+    cmd = [ACCELERATE, "launch", "--config_file", str(config), "--main_process_port", str(free_port()),
+           "-m", "nt_dist.train", str(REPO / "recipes" / "digits_teacher.yaml"),
+           *args(tiny_overrides(tmp_path / "out", **{"tracking.enabled": "false"}))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("nt-dist: error:")]
+    assert errors == ["nt-dist: error: accelerate config: distributed_type FSDP is not supported: under FSDP "
+                      "each rank keeps its own BatchNorm running statistics (DDP and ZeRO broadcast them) and "
+                      "accelerate runs FSDP on GPUs only; shard with cluster/deepspeed_zero3.yaml instead"] * 2
+    assert not (tmp_path / "out").exists()
+
+
 def test_slurm_script_checkpoints_requeues_and_resumes_on_usr1(tmp_path: Path):
     log = tmp_path / "scontrol.log"
     fake_slurm(tmp_path / "bin", log)
