@@ -7,6 +7,8 @@ Layout of a run folder (``run.output_dir``)::
     metrics.json             final evaluation (written last: its presence means "complete")
     metrics.jsonl            one JSON line per logged event (ffcv-imagenet style)
     checkpoints/step_000001234/   accelerate state + trainer_state.json, renamed into place
+    logit_cache.safetensors  the frozen network's cached logits (nasty/distill.cache_logits), keyed
+                             by what they depend on; saved with epoch-end and preemption checkpoints
 
 Nothing here unpickles arbitrary objects: models are safetensors; accelerate loads optimizer,
 scheduler and RNG states with ``torch.load(weights_only=True)``; our own counters are JSON.
@@ -30,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from nt_dist.errors import UserError, warn
 
 MODEL_FILE = "model.safetensors"
+CACHE_FILE = "logit_cache.safetensors"
 STATE_FILE = "trainer_state.json"
 CHECKPOINTS = "checkpoints"
 FORMAT = "nt_dist.model/1"
@@ -80,11 +83,15 @@ def export_model(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict
     # bf16 engine hands out bf16 weights): exact, and what every consumer expects
     tensors = {k: (v.float() if v.is_floating_point() else v).detach().to("cpu").contiguous()
                for k, v in state_dict.items()}
-    meta = {"format": FORMAT, **{k: str(v) for k, v in metadata.items()}}
+    atomic_save_tensors(tensors, path, {"format": FORMAT, **{k: str(v) for k, v in metadata.items()}})
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors file written through a temporary file and a rename: never half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata=meta)
+        save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

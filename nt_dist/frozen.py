@@ -7,7 +7,9 @@ every sample cycles through K fixed augmented views; or ``data.augment: none``),
 (sample, view) pair is computed once and served from :class:`LogitCache` afterwards: after
 the first K epochs a step costs what a normal step costs. The trade-off is the augmentation
 diversity (K views per sample instead of a fresh one every epoch), measured in
-``benchmarks/RESULTS.md``; the loss computed for a given image is unchanged.
+``benchmarks/RESULTS.md``; the loss computed for a given image is unchanged. The cache is
+saved beside the checkpoints (``train.save_checkpoint``), so a preempted run does not pay for
+its views again.
 
 Without repeating views, the forward itself can be made cheaper: ``precision="bf16"`` runs
 it under bf16 autocast while the trained network stays in its own precision (1.9x faster on a
@@ -19,10 +21,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+
+from nt_dist.checkpoint import atomic_save_tensors
 
 # run: whatever the training step uses (run.precision's autocast); fp32: always full
 # precision; bf16: bf16 autocast for the frozen forward only
@@ -64,15 +69,41 @@ class LogitCache:
     """Dense ``[samples, views, classes]`` store of fp32 logits with a filled mask.
 
     Memory: ``samples x views x classes x 4`` bytes on the training device (CIFAR-10, 20 views:
-    40 MB; Tiny-ImageNet, 20 views: 1.6 GB). Not checkpointed: after a resume it refills.
+    40 MB; Tiny-ImageNet, 20 views: 1.6 GB), and as much on disk beside the checkpoints.
+    ``key`` names everything the logits depend on (the frozen weights' hash, the data and its
+    augmentation, the seed, the precision): a saved cache is loaded only under the same key,
+    so a resumed run does not recompute the views it already has, and a stale one is never used.
     """
 
-    def __init__(self, samples: int, views: int, classes: int, device: torch.device) -> None:
-        self.views = views
+    def __init__(self, samples: int, views: int, classes: int, device: torch.device, key: str = "") -> None:
+        self.views, self.key = views, key
         self.logits = torch.zeros(samples, views, classes, dtype=torch.float32, device=device)
         self.filled = torch.zeros(samples, views, dtype=torch.bool, device=device)
         self.count = 0
+        self.saved = 0  # count at the last save
         self.capacity = samples * views
+
+    def save(self, path: Path) -> None:
+        atomic_save_tensors({"logits": self.logits.cpu(), "filled": self.filled.cpu()}, path, {"key": self.key})
+        self.saved = self.count
+
+    def load(self, path: Path) -> str:
+        """Fill from ``path``; returns "" on success, else why the file was not used."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                if (handle.metadata() or {}).get("key") != self.key:
+                    return "made for other frozen weights, data, seed or precision"
+                logits, filled = handle.get_tensor("logits"), handle.get_tensor("filled")
+        except (SafetensorError, OSError) as exc:
+            return f"unreadable ({exc})"
+        if logits.shape != self.logits.shape or filled.shape != self.filled.shape:
+            return f"shape {tuple(logits.shape)}, expected {tuple(self.logits.shape)}"
+        self.logits.copy_(logits)
+        self.filled.copy_(filled)
+        self.count = self.saved = int(filled.sum().item())
+        return ""
 
     @property
     def complete(self) -> bool:

@@ -102,6 +102,7 @@ class Run:
     lineage: dict[str, str] = field(default_factory=dict)
     input_dtype: torch.dtype | None = None  # DeepSpeed bf16/fp16 engines take low-precision inputs
     preempt: Preemption | None = None
+    frozen: FrozenNetwork | None = None  # nasty/student roles: the adversary/teacher and its cache
 
 
 class NonFiniteLoss(Exception):
@@ -175,12 +176,12 @@ def make_model(name: str, num_classes: int, key: str = "model.name") -> nn.Modul
 
 
 def build_frozen(recipe: Recipe, num_classes: int, accelerator: Any, train_size: int,
-                 dtype: torch.dtype | None = None) -> tuple[StepFn, dict[str, str]]:
+                 dtype: torch.dtype | None = None) -> tuple[StepFn, dict[str, str], FrozenNetwork | None]:
     """The role's step function, with its frozen network loaded (and its logit cache when
-    the recipe asks for one), and lineage tags."""
+    the recipe asks for one), lineage tags, and the frozen network (None for CE roles)."""
     role = recipe.run.role
     if role in ("teacher", "baseline"):
-        return ce_step, {}
+        return ce_step, {}, None
     if role == "nasty":
         cfg, key, kind = recipe.nasty, "nasty.adversary_checkpoint", "adversary"
         name, path = cfg.adversary, cfg.adversary_checkpoint
@@ -199,7 +200,8 @@ def build_frozen(recipe: Recipe, num_classes: int, accelerator: Any, train_size:
     cache = None
     if cfg.cache_logits:
         views = recipe.data.augment_views or 1  # augment: none -> one view
-        cache = LogitCache(train_size, views, num_classes, accelerator.device)
+        identity = cache_key(recipe, checkpoint.resolve_model_file(path, key), precision, dtype)
+        cache = LogitCache(train_size, views, num_classes, accelerator.device, identity)
     frozen = FrozenNetwork(network, cache, accelerator, precision)
     lineage = {f"{kind}_checkpoint": str(Path(path).resolve()),
                f"{kind}_architecture": meta.get("architecture", name),
@@ -208,7 +210,23 @@ def build_frozen(recipe: Recipe, num_classes: int, accelerator: Any, train_size:
         step = partial(nasty_step, adversary=frozen, tau=recipe.nasty.tau, omega=recipe.nasty.omega)
     else:
         step = partial(student_step, teacher=frozen, tau=recipe.distill.tau, alpha=recipe.distill.alpha)
-    return step, lineage
+    return step, lineage, frozen
+
+
+def cache_key(recipe: Recipe, model_file: Path, precision: str, dtype: torch.dtype | None) -> str:
+    """Everything a frozen network's logits of (sample, view) depend on, as one JSON string."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with model_file.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    data = recipe.data
+    return json.dumps({"frozen_sha256": digest.hexdigest(), "precision": precision, "dtype": str(dtype),
+                       "run_precision": recipe.run.precision,
+                       "seed": recipe.run.seed, "data": data.name, "root": str(Path(data.root).resolve()) if data.root else "",
+                       "image_size": data.image_size, "augment": data.augment, "views": data.augment_views,
+                       "train_subset": data.train_subset}, sort_keys=True)
 
 
 def _fill_deepspeed_config(accelerator: Any, recipe: Recipe) -> None:
@@ -259,7 +277,7 @@ def setup(recipe: Recipe, source: str) -> Run:
     if recipe.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     dtype = input_dtype(accelerator)
-    step_fn, lineage = build_frozen(recipe, num_classes, accelerator, data.train_size, dtype)
+    step_fn, lineage, frozen = build_frozen(recipe, num_classes, accelerator, data.train_size, dtype)
     optimizer = build_optimizer(model, recipe.optim)
     scheduler = build_scheduler(optimizer, recipe.optim, recipe.run.epochs, data.train.steps_per_epoch)
     if recipe.model.compile:
@@ -269,15 +287,41 @@ def setup(recipe: Recipe, source: str) -> Run:
     if recipe.run.resume == "never" and accelerator.is_main_process:
         for old in checkpoint.checkpoint_dirs(output_dir):
             shutil.rmtree(old)
+        (output_dir / checkpoint.CACHE_FILE).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     resumed = checkpoint.resume(accelerator, output_dir, recipe.run.resume)
+    if resumed and frozen is not None and frozen.cache is not None:
+        _restore_cache(frozen.cache, output_dir / checkpoint.CACHE_FILE, accelerator)
     state = resumed[0] if resumed else TrainState()
     if resumed and accelerator.is_main_process:
         print(f"[{recipe.run.name}] resumed from {resumed[1]} (epoch {state.epoch + 1}, "
               f"step {state.step_in_epoch} of the epoch, global step {state.global_step})", flush=True)
     tracker = Tracker(recipe.tracking, output_dir, active=accelerator.is_main_process)
     return Run(recipe, accelerator, model, optimizer, scheduler, data, step_fn, tracker, state,
-               output_dir, lineage, input_dtype=dtype)
+               output_dir, lineage, input_dtype=dtype, frozen=frozen)
+
+
+def _restore_cache(cache: LogitCache, path: Path, accelerator: Any) -> None:
+    if not path.is_file():
+        return
+    problem = cache.load(path)
+    if accelerator.is_main_process:
+        if problem:
+            warn(f"{path}: not used, {problem}; the logits are computed again")
+        else:
+            print(f"loaded {cache.count} of {cache.capacity} cached frozen logits from {path}", flush=True)
+
+
+def save_checkpoint(run: Run, with_cache: bool = True) -> None:
+    """The training state, and the logit cache when it has grown since it was last saved
+    (epoch ends and preemption; mid-epoch checkpoints skip it to bound the writes)."""
+    checkpoint.save_training_state(run.accelerator, run.output_dir, run.state, run.recipe.run.keep_last)
+    cache = run.frozen.cache if run.frozen is not None else None
+    if with_cache and cache is not None and cache.count > cache.saved:
+        if run.accelerator.is_main_process:  # every rank holds the same, all-gathered cache
+            cache.save(run.output_dir / checkpoint.CACHE_FILE)
+        cache.saved = cache.count
+        run.accelerator.wait_for_everyone()
 
 
 # ============================================================================ epoch and evaluation
@@ -294,6 +338,7 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
     bar = _progress(acc, recipe, steps, state.step_in_epoch, epoch)
     batches: Iterator[tuple[Tensor, Tensor]] = run.data.train.epoch(epoch, state.step_in_epoch)
     indices = _batch_indices(run, epoch, state.step_in_epoch)
+    lookups = (run.frozen.hits, run.frozen.misses) if run.frozen is not None else (0, 0)
     for images, labels in batches:
         images = _prepare_inputs(run, images)
         index = torch.as_tensor(next(indices), device=images.device) if indices is not None else None
@@ -328,7 +373,7 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
         if stop:
             raise Preempted()
         if checkpoint_due:
-            checkpoint.save_training_state(acc, run.output_dir, state, recipe.run.keep_last)
+            save_checkpoint(run, with_cache=False)
         if limit:
             break
     if bar is not None:
@@ -338,6 +383,10 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
              for k, v in sums.items()}
     means["images_per_s"] = seen * acc.num_processes / max(elapsed, 1e-9)
     means["epoch_time_s"] = elapsed
+    if run.frozen is not None and run.frozen.cache is not None:
+        counts = torch.tensor([run.frozen.hits - lookups[0], run.frozen.misses - lookups[1]], device=acc.device)
+        hits, misses = acc.reduce(counts, reduction="sum").tolist()
+        means["cache_hit_rate"] = hits / max(1, hits + misses)  # share of frozen logits served from memory
     return means
 
 
@@ -454,7 +503,7 @@ def train(recipe: Recipe, source: str = "<recipe>") -> dict[str, float]:
         status = "FINISHED"
         return final
     except Preempted:
-        checkpoint.save_training_state(acc, output_dir, state, recipe.run.keep_last)
+        save_checkpoint(run)
         status = "KILLED"
         raise
     finally:
@@ -480,7 +529,7 @@ def _loop(run: Run) -> dict[str, float]:
         if state.step_in_epoch >= steps:
             state.epoch, state.step_in_epoch = epoch + 1, 0
         state.mlflow_run_id = run.tracker.run_id or state.mlflow_run_id
-        checkpoint.save_training_state(acc, run.output_dir, state, recipe.run.keep_last)
+        save_checkpoint(run)
         if stopped_early:
             break
     if not metrics:  # resumed after the last epoch had been trained but before export

@@ -30,7 +30,7 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def tiny_overrides(out: Path, role: str = "teacher", **extra: str) -> list[str]:
-    """A few-step digits run: 2 epochs of 4 steps at batch 32 on 256 images."""
+    """A few-step digits run: 2 epochs of 8 steps at batch 32 on 256 images."""
     values = {
         "run.role": role, "run.output_dir": str(out), "run.epochs": "2", "run.progress": "false",
         "run.name": f"test_{role}", "data.train_subset": "256", "data.batch_size": "32",

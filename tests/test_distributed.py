@@ -78,3 +78,17 @@ def test_two_processes_of_half_batch_equal_one_process_of_full_batch(tmp_path: P
     assert_same_weights(n1, n2)
     adversary, nasty_weights = weights(one), weights(n1)
     assert any(not torch.equal(adversary[k], nasty_weights[k]) for k in adversary)  # it did train
+
+
+def test_two_processes_share_the_logit_cache_and_save_it_whole(tmp_path: Path):
+    """Each rank computes the adversary's logits of its own half of every batch; the all-gather
+    gives both ranks every sample, so epoch 2 is served from memory and the saved cache is full."""
+    teacher, out = tmp_path / "teacher", tmp_path / "nasty"
+    off = {"tracking.enabled": "false"}
+    launch(LAUNCH_1, "digits_teacher.yaml", tiny_overrides(teacher, "teacher", **off))
+    launch(LAUNCH_2, "digits_nasty.yaml", tiny_overrides(out, "nasty", **off, **{
+        "nasty.adversary_checkpoint": str(teacher), "data.augment_views": "1", "nasty.cache_logits": "true"}))
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["cache_hit_rate"] for e in epochs] == [0.0, 1.0]
+    cache = load_file(str(out / "logit_cache.safetensors"))
+    assert cache["filled"].shape == (256, 1) and bool(cache["filled"].all())

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO, tiny_overrides
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from nt_dist.config import load_recipe
+from nt_dist.config import load_recipe, replace
 from nt_dist.errors import UserError
 from nt_dist.frozen import FrozenNetwork, LogitCache, frozen_logits, native_bf16
 from nt_dist.models import create_model
-from nt_dist.train import nasty_step, train
+from nt_dist.train import cache_key, nasty_step, train
 
 
 class Counting(torch.nn.Module):
@@ -161,3 +162,85 @@ def test_frozen_precision_is_a_checked_recipe_key():
         load_recipe(REPO / "recipes" / "digits_nasty.yaml", ["nasty.adversary_precision=fp16"])
     recipe = load_recipe(REPO / "recipes" / "digits_student.yaml", ["distill.teacher_precision=bf16"])
     assert recipe.distill.teacher_precision == "bf16"
+
+
+# ---------------------------------------------------------------------------- cache on disk
+
+
+def hit_rates(out: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {m["epoch"]: m["cache_hit_rate"] for m in lines if "cache_hit_rate" in m}
+
+
+@pytest.fixture(scope="module")
+def cached_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An adversary and an uninterrupted 3-epoch nasty run with 2 cached views per sample."""
+    root = tmp_path_factory.mktemp("cache_on_disk")
+    teacher = root / "teacher"
+    train(load_recipe(REPO / "recipes" / "digits_teacher.yaml", tiny_overrides(teacher, "teacher")))
+    full = root / "full"
+    train(load_recipe(REPO / "recipes" / "digits_nasty.yaml", nasty_cached(full, teacher)))
+    return {"teacher": teacher, "full": full}
+
+
+def nasty_cached(out: Path, teacher: Path, **extra: str) -> list[str]:
+    return tiny_overrides(out, "nasty", **{"nasty.adversary_checkpoint": str(teacher), "data.augment_views": "2",
+                                           "nasty.cache_logits": "true", "run.epochs": "3",
+                                           "tracking.enabled": "false", **extra})
+
+
+def interrupted_after_epoch_1(out: Path, teacher: Path) -> None:
+    """Train epoch 1 of 3 and stop, leaving its checkpoint and cache as a preemption would."""
+    train(load_recipe(REPO / "recipes" / "digits_nasty.yaml", nasty_cached(out, teacher, **{"run.max_steps": "8"})))
+    (out / "metrics.json").unlink()
+    (out / "model.safetensors").unlink()
+
+
+def test_a_resumed_run_serves_the_views_computed_before_it_stopped(tmp_path: Path, cached_runs: dict[str, Path],
+                                                                    capsys: pytest.CaptureFixture[str]):
+    full, teacher = cached_runs["full"], cached_runs["teacher"]
+    assert hit_rates(full) == {1: 0.0, 2: 0.0, 3: 1.0}  # views 0 and 1 computed once each
+    out = tmp_path / "resumed"
+    interrupted_after_epoch_1(out, teacher)
+    capsys.readouterr()
+    train(load_recipe(REPO / "recipes" / "digits_nasty.yaml", nasty_cached(out, teacher)))
+    assert f"loaded 256 of 512 cached frozen logits from {out / 'logit_cache.safetensors'}" in capsys.readouterr().out
+    assert hit_rates(out) == {1: 0.0, 2: 0.0, 3: 1.0}  # epoch 3 (view 0) came from the file
+    a, b = weights(full), weights(out)
+    assert all(torch.equal(a[name], b[name]) for name in a)  # the same logits, bit for bit
+
+
+def test_a_stale_or_missing_cache_file_is_recomputed(tmp_path: Path, cached_runs: dict[str, Path],
+                                                     capsys: pytest.CaptureFixture[str]):
+    teacher = cached_runs["teacher"]
+    stale, missing = tmp_path / "stale", tmp_path / "missing"
+    for out in (stale, missing):
+        interrupted_after_epoch_1(out, teacher)
+    path = stale / "logit_cache.safetensors"
+    tensors = load_file(str(path))
+    save_file(tensors, str(path), metadata={"key": "made by another adversary"})
+    (missing / "logit_cache.safetensors").unlink()
+    for out in (stale, missing):
+        capsys.readouterr()
+        train(load_recipe(REPO / "recipes" / "digits_nasty.yaml", nasty_cached(out, teacher)))
+        err = capsys.readouterr().err
+        assert (f"{out / 'logit_cache.safetensors'}: not used, made for other frozen weights" in err) == (out == stale)
+        assert hit_rates(out) == {1: 0.0, 2: 0.0, 3: 0.0}  # view 0 computed again
+
+
+def test_the_cache_key_follows_what_the_logits_depend_on(tmp_path: Path, cached_runs: dict[str, Path]):
+    model_file = cached_runs["teacher"] / "model.safetensors"
+    recipe = load_recipe(REPO / "recipes" / "digits_nasty.yaml", nasty_cached(tmp_path, cached_runs["teacher"]))
+    base = cache_key(recipe, model_file, "run", None)
+    assert cache_key(recipe, model_file, "run", None) == base
+    changed = [cache_key(replace(recipe, run={"seed": 1}), model_file, "run", None),
+               cache_key(replace(recipe, data={"augment": "none"}), model_file, "run", None),
+               cache_key(replace(recipe, data={"augment_views": 3}), model_file, "run", None),
+               cache_key(recipe, model_file, "bf16", None),
+               cache_key(recipe, model_file, "run", torch.bfloat16)]
+    other = tmp_path / "other.safetensors"
+    tensors = load_file(str(model_file))
+    tensors["fc2.bias"] = tensors["fc2.bias"] + 1
+    save_file(tensors, str(other))
+    changed.append(cache_key(recipe, other, "run", None))
+    assert base not in changed and len(set(changed)) == len(changed)
