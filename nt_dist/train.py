@@ -141,7 +141,7 @@ class Preemption:
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
-def build_accelerator(recipe: Recipe) -> Any:
+def build_accelerator(recipe: Recipe, source: str = "<recipe>") -> Any:
     """Accelerate decides the process layout (from ``accelerate launch``); the recipe decides
     the precision. Without CUDA, processes talk over gloo: through accelerate's MULTI_CPU
     path (``cpu=True``), or, under DeepSpeed (which ``cpu=True`` would switch off), by naming
@@ -156,7 +156,7 @@ def build_accelerator(recipe: Recipe) -> Any:
     precision = recipe.run.precision
     cuda = torch.cuda.is_available()
     if precision == "fp16" and not cuda:
-        raise UserError("run.precision: fp16 needs a GPU; use bf16 or no on CPU")
+        raise UserError(f"{source}: run.precision: fp16 needs a GPU; use bf16 or no on CPU")
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         raise UserError("accelerate config: distributed_type FSDP is not supported: under FSDP each rank keeps "
                         "its own BatchNorm running statistics (DDP and ZeRO broadcast them) and accelerate runs "
@@ -260,7 +260,7 @@ def input_dtype(accelerator: Any) -> torch.dtype | None:
 
 def setup(recipe: Recipe, source: str) -> Run:
     """Everything before the first step: processes, data, model, optimizer, resume, tracking."""
-    accelerator = build_accelerator(recipe)
+    accelerator = build_accelerator(recipe, source)
     from accelerate.utils import set_seed
 
     set_seed(recipe.run.seed)

@@ -67,7 +67,53 @@ def test_fp16_on_cpu_is_refused(tmp_path: Path):
     assert proc.returncode == 0
     proc = nt("train", str(REPO / "recipes" / "digits_teacher.yaml"), "--set", "run.precision=fp16",
               "--set", f"run.output_dir={tmp_path / 'out'}", cwd=tmp_path)
-    assert_one_line_error(proc, "run.precision")
+    assert_one_line_error(proc, "digits_teacher.yaml: run.precision: fp16 needs a GPU")
+
+
+def readme_errors() -> dict[str, str]:
+    """The README's table of bad inputs: label -> the error line it promises."""
+    rows = {}
+    for line in (REPO / "README.md").read_text().splitlines():
+        if line.startswith("| ") and "`nt-dist: error: " in line:
+            label, shown = line.strip("| ").split(" | ", 1)
+            rows[label] = shown.strip(" |`")
+    return rows
+
+
+# README row -> (file name, file text or None for "no such file", extra environment)
+README_CASES = {
+    "unknown recipe key": ("bad.yaml", "nasty: {omgea: 0.1}\n", {}),
+    "mistyped value": ("bad.yaml", "optim: {lr: fast}\n", {}),
+    "unreadable YAML": ("bad.yaml", "optim:\n  milestones: [1, 2\n", {}),
+    "missing recipe": ("nope.yaml", None, {}),
+    "unknown model name": ("recipe.yaml", "model: {name: resnet1}\n", {}),
+    "fp16 on a CPU": ("recipe.yaml", "run: {precision: fp16}\ntracking: {enabled: false}\n", {}),
+    "an FSDP launcher config": ("recipe.yaml", "tracking: {enabled: false}\n", {"ACCELERATE_USE_FSDP": "true"}),
+}
+
+
+@pytest.mark.parametrize("label", sorted(README_CASES))
+def test_the_readme_shows_the_real_error_line(tmp_path: Path, label: str):
+    """The README's error table is what a user sees (rows that need no trained model)."""
+    import os
+
+    if label == "fp16 on a CPU":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("fp16 runs where there is a GPU")
+    name, text, env = README_CASES[label]
+    if text is not None:
+        (tmp_path / name).write_text(text)
+    proc = subprocess.run([NT_DIST, "train", name], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, **env})
+    assert_one_line_error(proc)
+    shown = readme_errors()[label]
+    actual = next(line for line in proc.stderr.splitlines() if line.startswith("nt-dist: error:"))
+    if shown.endswith("..."):  # a long list cut short in the README
+        assert actual.startswith(shown.removesuffix("..."))
+    else:
+        assert actual == shown
 
 
 def test_ui_serves_the_embedded_store_on_loopback(tmp_path: Path):

@@ -103,3 +103,16 @@ def test_cross_section_rules(tmp_path: Path):
 def test_round_trip_through_dict():
     r = recipe_from_dict({"optim": {"milestones": [2, 4]}, "run": {"epochs": 5}})
     assert recipe_from_dict(recipe_to_dict(r)) == r
+
+
+def test_the_readme_lists_every_recipe_key():
+    rows = {}
+    for line in (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines():
+        if line.startswith("| `") and line.count("|") == 3:
+            section, keys = line.strip("| ").split(" | ", 1)
+            rows[section.strip("`")] = keys
+    import typing
+
+    for name, cls in typing.get_type_hints(Recipe).items():
+        missing = [f.name for f in dataclasses.fields(cls) if f"`{f.name}`" not in rows.get(name, "")]
+        assert not missing, f"README recipe table, section {name}: {missing}"
