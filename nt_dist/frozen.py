@@ -20,7 +20,6 @@ fp32 from the upcast logits; what the rounding costs is measured in ``benchmarks
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,22 +44,15 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def _autocast(device: torch.device, precision: FrozenPrecision) -> Iterator[None]:
-    if precision == "run":
-        yield
-        return
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        yield
-
-
 def frozen_logits(network: nn.Module, images: Tensor, precision: FrozenPrecision = "run") -> Tensor:
     """Logits of a frozen network: eval mode, inference mode, no autograd graph. The copy
     turns the inference tensor into one autograd may save for the loss's backward; logits
     computed under a ``precision`` of their own come back in fp32."""
     if precision == "fp32":
         images = images.float()
-    with torch.inference_mode(), _autocast(images.device, precision):
+    # "run" leaves the caller's autocast alone; fp32 switches it off; bf16 switches it on
+    own = torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.inference_mode(), (contextlib.nullcontext() if precision == "run" else own):
         logits = network(images)
     return logits.clone() if precision == "run" else logits.to(torch.float32, copy=True)
 
@@ -85,7 +77,6 @@ class LogitCache:
 
     def save(self, path: Path) -> None:
         atomic_save_tensors({"logits": self.logits.cpu(), "filled": self.filled.cpu()}, path, {"key": self.key})
-        self.saved = self.count
 
     def load(self, path: Path) -> str:
         """Fill from ``path``; returns "" on success, else why the file was not used."""

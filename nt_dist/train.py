@@ -409,9 +409,7 @@ def _check_finite(acc: Any, window: list[tuple[int, dict[str, Tensor]]], epoch: 
 def _batch_indices(run: Run, epoch: int, start_step: int) -> Iterator[list[int]] | None:
     """Sample indices of each batch, read only by the frozen-logit cache (torch loader only;
     the recipe check refuses the cache with ffcv)."""
-    role, recipe = run.recipe.run.role, run.recipe
-    cached = (role == "nasty" and recipe.nasty.cache_logits) or (role == "student" and recipe.distill.cache_logits)
-    if not cached:
+    if run.frozen is None or run.frozen.cache is None:
         return None
     return iter(run.data.train.batch_indices(epoch, start_step))
 
