@@ -54,8 +54,9 @@ class TrainState:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the file is as readable as any other
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -64,6 +65,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -152,6 +162,8 @@ def load_frozen_model(
         raise UserError(f"{key}: {path} records no architecture; name it in the recipe")
     if architecture and recorded and architecture != recorded:
         raise UserError(f"{key}: {path} holds a {recorded!r} but the recipe asks for {architecture!r}")
+    if meta.get("num_classes") and not str(meta["num_classes"]).isdigit():
+        raise UserError(f"{key}: {path}: corrupt metadata: num_classes is {meta['num_classes']!r}, not a count")
     if meta.get("num_classes") and int(meta["num_classes"]) != num_classes:
         raise UserError(f"{key}: {path} has {meta['num_classes']} classes but the data set has {num_classes}")
     model = create(name, num_classes)
@@ -177,16 +189,45 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix("step_")), reverse=True)
 
 
-def save_training_state(accelerator: Any, output_dir: Path, state: TrainState, keep_last: int) -> Path:
+def save_training_state(accelerator: Any, output_dir: Path, state: TrainState, keep_last: int,
+                        token: str = "") -> Path:
     """Write the whole training state for ``state.global_step`` and rename it into place.
 
     Every process writes its part (RNG states; shards under DeepSpeed) into one temporary
     folder; after a barrier the main process writes the counters last, renames the folder to
-    ``step_<n>`` (atomic on POSIX) and prunes all but the newest ``keep_last``.
+    ``step_<n>`` (atomic on POSIX) and prunes all but the newest ``keep_last``. ``token`` (the
+    same on every rank, unique per run process) keeps temporary names apart. A write that fails
+    (no space left) removes its temporary folder and leaves the older checkpoints as they were.
     """
     root = output_dir / CHECKPOINTS
     final = root / f"step_{state.global_step:09d}"
-    tmp = root / f".tmp-step_{state.global_step:09d}"
+    tmp = root / f"{TMP_PREFIX}step_{state.global_step:09d}{'-' + token if token else ''}"
+    try:
+        return _save_into(accelerator, output_dir, state, keep_last, root, tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+TMP_PREFIX = ".tmp-"
+
+
+def remove_stale_temporaries(output_dir: Path) -> None:
+    """Temporary checkpoint folders and files left by a process that died mid-write (call it only
+    while holding the run folder's lock: then no live process owns them)."""
+    for folder in (output_dir, output_dir / CHECKPOINTS):
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if not (path.name.startswith(TMP_PREFIX) or (path.name.startswith(".") and ".tmp" in path.name)):
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+
+
+def _save_into(accelerator: Any, output_dir: Path, state: TrainState, keep_last: int, root: Path, tmp: Path,
+               final: Path) -> Path:
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -210,8 +251,7 @@ def load_training_state(accelerator: Any, directory: Path) -> TrainState:
     """Restore model, optimizer, scheduler and RNG states from ``directory``; return counters."""
     state_file = directory / STATE_FILE
     try:
-        counters = json.loads(state_file.read_text(encoding="utf-8"))
-        state = TrainState(**counters)
+        state = parse_state(json.loads(state_file.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError) as exc:
         raise CorruptCheckpoint(f"{state_file}: unreadable ({exc})") from None
     rng = directory / f"random_states_{accelerator.process_index}.pkl"
@@ -221,6 +261,18 @@ def load_training_state(accelerator: Any, directory: Path) -> TrainState:
         accelerator.load_state(str(directory))
     except Exception as exc:  # noqa: BLE001 - any failure means this checkpoint is unusable
         raise CorruptCheckpoint(f"{directory}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    return state
+
+
+def parse_state(counters: Any) -> TrainState:
+    """``trainer_state.json`` as a TrainState; a field of the wrong type or sign is a ValueError."""
+    if not isinstance(counters, dict):
+        raise ValueError(f"expected an object of counters, got {type(counters).__name__}")
+    state = TrainState(**counters)
+    for name, value in asdict(state).items():
+        want = str if name == "mlflow_run_id" else int
+        if type(value) is not want or (want is int and value < 0):
+            raise ValueError(f"{name} is {value!r}, expected a {'string' if want is str else 'count'}")
     return state
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from nt_dist.errors import EXIT_USER_ERROR, UserError
+from nt_dist.errors import EXIT_INTERRUPTED, EXIT_RUN_ERROR, EXIT_USER_ERROR, RunError, UserError, error, say
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,25 +73,27 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "ui":
             return ui(args.port, Path(args.db))
     except UserError as exc:
-        print(f"nt-dist: error: {exc}", file=sys.stderr)
+        error(str(exc))
         return EXIT_USER_ERROR
+    except RunError as exc:
+        error(str(exc))
+        return EXIT_RUN_ERROR
+    except KeyboardInterrupt:
+        say("nt-dist: interrupted")
+        return EXIT_INTERRUPTED
     return 0
 
 
 def check(path: str, overrides: list[str]) -> int:
+    """The validation ``train`` runs before it reads any data: schema, networks and image size,
+    run folder, tracking store."""
     from nt_dist.config import load_recipe, recipe_to_dict
-    from nt_dist.models import UnknownModelError, create_model
+    from nt_dist.preflight import validate
 
     recipe = load_recipe(path, overrides)
-    for key, name in (("model.name", recipe.model.name), ("nasty.adversary", recipe.nasty.adversary),
-                      ("distill.teacher", recipe.distill.teacher)):
-        if name:
-            try:
-                create_model(name, num_classes=recipe.model.num_classes or 10)
-            except UnknownModelError as exc:
-                raise UserError(f"{path}: {key}: {exc}") from None
+    validate(recipe, path)
     print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
-    print(f"# {path}: valid", file=sys.stderr)
+    say(f"# {path}: valid")
     return 0
 
 

@@ -22,7 +22,9 @@ from pydantic.dataclasses import dataclass
 
 from nt_dist.errors import UserError
 
-_STRICT = ConfigDict(extra="forbid", validate_default=True)
+# allow_inf_nan=False: .inf/.nan are valid YAML floats and pass every gt/ge bound
+_STRICT = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+SEED_MAX = 2**32 - 1  # numpy's seed range (accelerate.set_seed seeds numpy too)
 
 Role = Literal["teacher", "nasty", "student", "baseline"]
 
@@ -39,14 +41,14 @@ class RunConfig:
     name: str = "run"
     role: Role = "teacher"
     output_dir: str = "runs/run"
-    epochs: int = Field(default=1, ge=1)
-    seed: int = 0
+    epochs: int = Field(default=1, ge=1, le=100_000)
+    seed: int = Field(default=0, ge=0, le=SEED_MAX)
     precision: Literal["no", "bf16", "fp16"] = "no"
     # auto: continue from the newest complete checkpoint in output_dir if there is one;
     # never: always start fresh; anything else: a checkpoint directory to continue from.
     resume: str = "auto"
     checkpoint_every_steps: int = Field(default=0, ge=0)  # 0: only at the end of each epoch
-    keep_last: int = Field(default=2, ge=1)  # complete checkpoints kept on disk
+    keep_last: int = Field(default=2, ge=1, le=1000)  # complete checkpoints kept on disk
     max_steps: int = Field(default=0, ge=0)  # 0: no limit; >0 stops early (smoke tests)
     progress: bool = True  # tqdm bar on rank 0
 
@@ -62,10 +64,10 @@ class DataConfig:
 
     name: str = "digits"  # digits | cifar10 | cifar100 | tinyimagenet | imagefolder
     root: str = ""  # folder holding the data set as distributed (unused for digits)
-    image_size: int = Field(default=16, ge=4)
-    batch_size: int = Field(default=64, ge=1)  # per process
-    eval_batch_size: int = Field(default=256, ge=1)  # per process
-    num_workers: int = Field(default=0, ge=0)
+    image_size: int = Field(default=16, ge=4, le=4096)
+    batch_size: int = Field(default=64, ge=1, le=65536)  # per process
+    eval_batch_size: int = Field(default=256, ge=1, le=65536)  # per process
+    num_workers: int = Field(default=0, ge=0, le=512)
     loader: Literal["torch", "ffcv"] = "torch"
     ffcv_dir: str = ""  # folder with train.beton / val.beton (ffcv loader)
     # none | shift (±2 px translate) | pad_crop_flip (CIFAR) | rotate_flip (the authors'
@@ -74,7 +76,7 @@ class DataConfig:
     train_subset: int = Field(default=0, ge=0)  # 0: all; >0: first N training samples
     # 0: a fresh augmentation of every sample every epoch; K: sample i at epoch e is its view
     # e mod K (K fixed views per sample), so a frozen network's logits can be cached
-    augment_views: int = Field(default=0, ge=0)
+    augment_views: int = Field(default=0, ge=0, le=10_000)
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -82,7 +84,7 @@ class ModelConfig:
     """The network being trained: any name of ``nt_dist.models`` or timm."""
 
     name: str = "cifar_cnn"
-    num_classes: int = Field(default=0, ge=0)  # 0: the data set's class count
+    num_classes: int = Field(default=0, ge=0, le=1_000_000)  # 0: the data set's class count
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False  # SyncBatchNorm across processes (exact large-batch BN statistics)
@@ -96,10 +98,10 @@ class OptimConfig:
     lr: float = Field(default=0.05, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     nesterov: bool = False
-    weight_decay: float = Field(default=5e-4, ge=0)
+    weight_decay: float = Field(default=5e-4, ge=0, le=1)
     schedule: Literal["constant", "multistep", "cosine"] = "cosine"
     milestones: tuple[int, ...] = ()  # epochs at which multistep multiplies lr by gamma
-    gamma: float = Field(default=0.1, gt=0)
+    gamma: float = Field(default=0.1, gt=0, le=10)
     warmup_epochs: float = Field(default=0.0, ge=0)
     grad_clip: float = Field(default=0.0, ge=0)  # max global grad norm; 0: no clipping
 
@@ -110,8 +112,8 @@ class NastyConfig:
 
     adversary: str = ""  # architecture of f_A; "" means: the one recorded in the checkpoint
     adversary_checkpoint: str = ""  # model.safetensors of f_A, or the run folder holding it
-    tau: float = Field(default=4.0, gt=0)
-    omega: float = Field(default=0.04, ge=0)
+    tau: float = Field(default=4.0, gt=0, le=1000)
+    omega: float = Field(default=0.04, ge=0, le=100)
     cache_logits: bool = False  # serve f_A's logits of repeated views from memory (see nt_dist/frozen.py)
     # f_A's forward: run (as run.precision) | fp32 | bf16 (autocast for f_A alone: ~1.9x cheaper
     # forward where bf16 is native; the KL stays fp32; see benchmarks/RESULTS.md)
@@ -124,7 +126,7 @@ class DistillConfig:
 
     teacher: str = ""  # architecture of f_T; "" means: the one recorded in the checkpoint
     teacher_checkpoint: str = ""  # model.safetensors of f_T, or the run folder holding it
-    tau: float = Field(default=4.0, gt=0)
+    tau: float = Field(default=4.0, gt=0, le=1000)
     alpha: float = Field(default=0.9, ge=0, le=1)
     cache_logits: bool = False  # serve f_T's logits of repeated views from memory
     teacher_precision: Literal["run", "fp32", "bf16"] = "run"  # f_T's forward, as nasty.adversary_precision
@@ -138,7 +140,7 @@ class TrackingConfig:
     experiment: str = "nt_dist"
     uri: str = ""
     run_name: str = ""  # "" : run.name
-    timeout_s: float = Field(default=60.0, ge=0)  # wait this long for MLflow at start and at the end
+    timeout_s: float = Field(default=60.0, ge=0, le=3600)  # wait this long for MLflow at start and at the end
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -164,8 +166,12 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: recipe file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a recipe file") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read recipe ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); a recipe is a YAML file") from None
     try:
         tree = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -176,7 +182,8 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):
-        raise UserError(f"{path}: a recipe is a mapping of sections (run, data, model, ...)")
+        raise UserError(f"{path}: a recipe is a mapping of sections (run, data, model, ...), "
+                        f"not a {type(tree).__name__}")
     for item in overrides:
         _apply_override(tree, item, path)
     return recipe_from_dict(tree, source=str(path))
@@ -184,6 +191,12 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
 
 def recipe_from_dict(tree: dict[str, Any], source: str = "<recipe>") -> Recipe:
     """Validate a nested dict into a Recipe; errors name ``source`` and the dotted key."""
+    for section, body in tree.items():
+        keys = body if isinstance(body, dict) else {}
+        for key in (section, *keys):
+            if not isinstance(key, str):
+                where = f"{section}." if key is not section else ""
+                raise UserError(f"{source}: {where}{key!r}: keys are names, not {type(key).__name__}s")
     try:
         recipe = pydantic.TypeAdapter(Recipe).validate_python(tree)
     except pydantic.ValidationError as exc:
@@ -272,6 +285,9 @@ def _check(recipe: Recipe, source: str) -> None:
         raise UserError(f"{source}: optim.milestones: required when optim.schedule is multistep")
     if any(m <= 0 or m > recipe.run.epochs for m in recipe.optim.milestones):
         raise UserError(f"{source}: optim.milestones: each must lie in 1..run.epochs ({recipe.run.epochs})")
+    if recipe.optim.warmup_epochs > recipe.run.epochs:
+        raise UserError(f"{source}: optim.warmup_epochs: {recipe.optim.warmup_epochs} exceeds run.epochs "
+                        f"({recipe.run.epochs})")
     if recipe.data.augment_views and recipe.data.loader != "torch":
         raise UserError(f"{source}: data.augment_views: needs data.loader: torch (ffcv draws augmentations "
                         "from a global RNG)")

@@ -68,9 +68,10 @@ class Tracker:
             return ""
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        from mlflow.tracking import MlflowClient
+        import mlflow.tracking  # noqa: F401 - imported here: the import is slow and is not an MLflow call
 
-        self._client = MlflowClient(tracking_uri=tracking_uri(self.cfg))
+        # the client is built on the delivery thread: opening a store (SQLite schema migrations,
+        # a server's first answer) is an MLflow call like any other, bounded by timeout_s here
         self._submit("create", {"run_name": run_name, "tags": tags, "resume_run_id": resume_run_id,
                                 "params": {k: _param(v) for k, v in params.items()}})
         self._thread = threading.Thread(target=self._worker, name="nt-dist-mlflow", daemon=True)
@@ -82,6 +83,10 @@ class Tracker:
 
     def _create(self, run_name: str, tags: dict[str, str], resume_run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=tracking_uri(self.cfg))
 
         if not (resume_run_id and self._reopen(resume_run_id)):
             run = self._client.create_run(self._experiment_id(), run_name=run_name, tags=tags)
@@ -201,10 +206,11 @@ class Tracker:
     def _deliver(self, kind: str, payload: Any) -> None:
         from mlflow.entities import Metric, RunTag
 
-        client, run_id = self._client, self.run_id
         if kind == "create":
             self._create(**payload)
-        elif kind == "metrics":
+            return
+        client, run_id = self._client, self.run_id
+        if kind == "metrics":
             metrics = [Metric(k, v, payload["timestamp"], payload["step"]) for k, v in payload["values"].items()]
             client.log_batch(run_id, metrics=metrics, synchronous=True)
         elif kind == "tags":

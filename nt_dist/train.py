@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -30,14 +29,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 
-from nt_dist import __version__, checkpoint
+from nt_dist import __version__, checkpoint, preflight, rundir
 from nt_dist.checkpoint import TrainState
 from nt_dist.config import Recipe, flatten, load_recipe, recipe_to_dict
 from nt_dist.data import DataBundle, build_data
-from nt_dist.errors import EXIT_USER_ERROR, UserError, warn
+from nt_dist.errors import EXIT_INTERRUPTED, EXIT_RUN_ERROR, EXIT_USER_ERROR, RunError, UserError, error, say, warn
 from nt_dist.frozen import FrozenNetwork, LogitCache, native_bf16
 from nt_dist.losses import kd_loss, nasty_teacher_loss
 from nt_dist.models import UnknownModelError, create_model
@@ -103,24 +101,32 @@ class Run:
     input_dtype: torch.dtype | None = None  # DeepSpeed bf16/fp16 engines take low-precision inputs
     preempt: Preemption | None = None
     frozen: FrozenNetwork | None = None  # nasty/student roles: the adversary/teacher and its cache
+    lock: rundir.RunLock | None = None  # the run folder's lock (main process)
+    token: str = ""  # the main process's pid, on every rank: unique temporary names
 
 
-class NonFiniteLoss(Exception):
+class NonFiniteLoss(RunError):
     pass
 
 
 class Preempted(Exception):
-    pass
+    """The loop stopped at a step boundary on a signal; ``interrupted``: it was SIGINT (Ctrl-C)."""
+
+    def __init__(self, interrupted: bool = False) -> None:
+        super().__init__("interrupted" if interrupted else "preempted")
+        self.interrupted = interrupted
 
 
 class Preemption:
-    """SIGTERM/SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits
-    with ``EXIT_PREEMPTED``. All ranks agree through one all-reduce per step (multi-process)."""
+    """SIGTERM/SIGUSR1 (a scheduler's warning) and SIGINT (Ctrl-C) set a flag; the loop
+    checkpoints at the next step boundary and exits with ``EXIT_PREEMPTED`` (130 for Ctrl-C).
+    A second Ctrl-C stops at once. All ranks agree through one all-reduce per step."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.requested = False
+        self.interrupted = False
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -132,6 +138,10 @@ class Preemption:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
         self.requested = True
 
     def agreed(self, accelerator: Any) -> bool:
@@ -259,14 +269,68 @@ def input_dtype(accelerator: Any) -> torch.dtype | None:
 
 
 def setup(recipe: Recipe, source: str) -> Run:
-    """Everything before the first step: processes, data, model, optimizer, resume, tracking."""
+    """Everything before the first step: processes, the run folder, data, model, optimizer,
+    resume, tracking."""
     accelerator = build_accelerator(recipe, source)
+    lock = claim_folder(accelerator, recipe, source)
+    try:
+        return _build(accelerator, recipe, source, lock)
+    except BaseException:
+        if lock is not None:
+            lock.abandon()
+        raise
+
+
+def claim_folder(accelerator: Any, recipe: Recipe, source: str) -> rundir.RunLock | None:
+    """The main process locks and prepares the run folder; every rank learns the outcome, so a
+    refusal ends all of them with the same line instead of leaving some in a collective."""
+    lock, problem = None, ""
+    if accelerator.is_main_process:
+        try:
+            lock, _ = rundir.claim(recipe, source)
+        except UserError as exc:
+            problem = str(exc)
+    problem = agree(accelerator, problem)
+    if problem:
+        raise UserError(problem)
+    return lock
+
+
+def agree(accelerator: Any, value: Any) -> Any:
+    """The main process's ``value``, on every rank."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
+
+
+def on_every_rank(accelerator: Any, make: Callable[[], Any]) -> Any:
+    """``make()`` on every rank; a UserError on any rank (a bad file in its share of the data)
+    ends every rank with that line, instead of leaving the others waiting in a collective."""
+    problem, value = "", None
+    try:
+        value = make()
+    except UserError as exc:
+        if accelerator.num_processes == 1:
+            raise
+        problem = str(exc)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        problem = next((p for p in gather_object([problem]) if p), "")
+    if problem:
+        raise UserError(problem)
+    return value
+
+
+def _build(accelerator: Any, recipe: Recipe, source: str, lock: rundir.RunLock | None) -> Run:
     from accelerate.utils import set_seed
 
     set_seed(recipe.run.seed)
     output_dir = Path(recipe.run.output_dir)
-    data = build_data(recipe.data, recipe.run.seed, accelerator.process_index,
-                      accelerator.num_processes, accelerator.device)
+    data = on_every_rank(accelerator, lambda: build_data(recipe.data, recipe.run.seed, accelerator.process_index,
+                                                         accelerator.num_processes, accelerator.device))
     num_classes = recipe.model.num_classes or data.num_classes
     if num_classes != data.num_classes:
         raise UserError(f"{source}: model.num_classes: {num_classes} but {recipe.data.name} has "
@@ -284,21 +348,22 @@ def setup(recipe: Recipe, source: str) -> Run:
         model = torch.compile(model)
     _fill_deepspeed_config(accelerator, recipe)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if recipe.run.resume == "never" and accelerator.is_main_process:
-        for old in checkpoint.checkpoint_dirs(output_dir):
-            shutil.rmtree(old)
-        (output_dir / checkpoint.CACHE_FILE).unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
     resumed = checkpoint.resume(accelerator, output_dir, recipe.run.resume)
     if resumed and frozen is not None and frozen.cache is not None:
         _restore_cache(frozen.cache, output_dir / checkpoint.CACHE_FILE, accelerator)
     state = resumed[0] if resumed else TrainState()
-    if resumed and accelerator.is_main_process:
-        print(f"[{recipe.run.name}] resumed from {resumed[1]} (epoch {state.epoch + 1}, "
-              f"step {state.step_in_epoch} of the epoch, global step {state.global_step})", flush=True)
+    if state.epoch > recipe.run.epochs:
+        raise UserError(f"{source}: run.epochs: {recipe.run.epochs}, but the checkpoint {resumed[1]} has "
+                        f"already trained {state.epoch} epochs")
+    if accelerator.is_main_process:
+        rundir.trim_log(output_dir, state.global_step)
+        if resumed:
+            print(f"[{recipe.run.name}] resumed from {resumed[1]} (epoch {state.epoch + 1}, "
+                  f"step {state.step_in_epoch} of the epoch, global step {state.global_step})", flush=True)
     tracker = Tracker(recipe.tracking, output_dir, active=accelerator.is_main_process)
+    token = agree(accelerator, str(os.getpid()))
     return Run(recipe, accelerator, model, optimizer, scheduler, data, step_fn, tracker, state,
-               output_dir, lineage, input_dtype=dtype, frozen=frozen)
+               output_dir, lineage, input_dtype=dtype, frozen=frozen, lock=lock, token=token)
 
 
 def _restore_cache(cache: LogitCache, path: Path, accelerator: Any) -> None:
@@ -315,13 +380,20 @@ def _restore_cache(cache: LogitCache, path: Path, accelerator: Any) -> None:
 def save_checkpoint(run: Run, with_cache: bool = True) -> None:
     """The training state, and the logit cache when it has grown since it was last saved
     (epoch ends and preemption; mid-epoch checkpoints skip it to bound the writes)."""
-    checkpoint.save_training_state(run.accelerator, run.output_dir, run.state, run.recipe.run.keep_last)
-    cache = run.frozen.cache if run.frozen is not None else None
-    if with_cache and cache is not None and cache.count > cache.saved:
-        if run.accelerator.is_main_process:  # every rank holds the same, all-gathered cache
-            cache.save(run.output_dir / checkpoint.CACHE_FILE)
-        cache.saved = cache.count
-        run.accelerator.wait_for_everyone()
+    try:
+        checkpoint.save_training_state(run.accelerator, run.output_dir, run.state, run.recipe.run.keep_last,
+                                       run.token)
+        cache = run.frozen.cache if run.frozen is not None else None
+        if with_cache and cache is not None and cache.count > cache.saved:
+            if run.accelerator.is_main_process:  # every rank holds the same, all-gathered cache
+                cache.save(run.output_dir / checkpoint.CACHE_FILE)
+            cache.saved = cache.count
+            run.accelerator.wait_for_everyone()
+    except OSError as exc:
+        newest = checkpoint.checkpoint_dirs(run.output_dir)[:1]
+        kept = f"the newest complete checkpoint is {newest[0]}" if newest else "no complete checkpoint was kept"
+        raise RunError(f"run.output_dir: {exc.strerror or exc} while writing the checkpoint of step "
+                       f"{run.state.global_step} in {run.output_dir}; {kept}") from None
 
 
 # ============================================================================ epoch and evaluation
@@ -371,7 +443,7 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
         if bar is not None:
             bar.update(1)
         if stop:
-            raise Preempted()
+            raise Preempted(run.preempt is not None and run.preempt.interrupted)
         if checkpoint_due:
             save_checkpoint(run, with_cache=False)
         if limit:
@@ -481,22 +553,20 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def train(recipe: Recipe, source: str = "<recipe>") -> dict[str, float]:
     """Train what ``recipe`` describes; returns the final evaluation metrics."""
-    output_dir = Path(recipe.run.output_dir)
-    done = output_dir / "metrics.json"
-    if recipe.run.resume == "auto" and done.is_file():
-        return json.loads(done.read_text())["final"]
+    folder = rundir.inspect(recipe, source)
+    if folder.kind == "finished" and folder.results is not None:
+        _announce_finished(recipe, folder.results)
+        return folder.results["final"]
+    preflight.validate(recipe, source)
     run = setup(recipe, source)
-    acc, state = run.accelerator, run.state
-    if acc.is_main_process:
-        checkpoint.atomic_write_text(output_dir / "resolved_recipe.yaml",
-                                     yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-    tags = {**describe(recipe), **run.lineage}
-    state.mlflow_run_id = run.tracker.start(recipe.tracking.run_name or recipe.run.name,
-                                            flatten(recipe_to_dict(recipe)), tags, state.mlflow_run_id)
-    run.preempt = Preemption()
-    run.preempt.install()
     status = "FAILED"
     try:
+        state = run.state
+        tags = {**describe(recipe), **run.lineage}
+        state.mlflow_run_id = run.tracker.start(recipe.tracking.run_name or recipe.run.name,
+                                                flatten(recipe_to_dict(recipe)), tags, state.mlflow_run_id)
+        run.preempt = Preemption()
+        run.preempt.install()
         final = _loop(run)
         status = "FINISHED"
         return final
@@ -505,8 +575,22 @@ def train(recipe: Recipe, source: str = "<recipe>") -> dict[str, float]:
         status = "KILLED"
         raise
     finally:
-        run.preempt.uninstall()
+        if run.preempt is not None:
+            run.preempt.uninstall()
         run.tracker.finish(status)
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _announce_finished(recipe: Recipe, results: dict[str, Any]) -> None:
+    if os.environ.get("RANK", "0") != "0":
+        return
+    folder = Path(recipe.run.output_dir)
+    top1 = results["final"].get("test_top1")
+    score = f"test_top1={top1:.2f}, " if isinstance(top1, (int, float)) else ""
+    extend = "; a larger run.epochs extends it" if recipe.optim.schedule in rundir.EXTENSIBLE_SCHEDULES else ""
+    print(f"[{recipe.run.name}] already finished: {score}results in {folder / rundir.RESULTS_FILE}, model in "
+          f"{folder / checkpoint.MODEL_FILE} (run.resume=never starts over{extend})", flush=True)
 
 
 def _loop(run: Run) -> dict[str, float]:
@@ -548,11 +632,17 @@ def finish(run: Run, metrics: dict[str, float]) -> None:
                 "test_top1": f"{metrics.get('test_top1', float('nan')):.4f}"}
         # torch.compile wraps the module: export the plain module's names
         plain = {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
-        checkpoint.export_model(plain, run.output_dir / checkpoint.MODEL_FILE, meta)
         summary = {"final": {k: metrics[k] for k in ("test_top1", "test_top5", "test_ce") if k in metrics},
                    "global_step": run.state.global_step, "mlflow_run_id": run.state.mlflow_run_id,
-                   "role": recipe.run.role, "name": recipe.run.name}
-        checkpoint.atomic_write_text(run.output_dir / "metrics.json", json.dumps(summary, indent=1))
+                   "role": recipe.run.role, "name": recipe.run.name,
+                   # what the run was asked for: the same command again finds it finished
+                   "epochs": recipe.run.epochs, "max_steps": recipe.run.max_steps}
+        try:
+            checkpoint.export_model(plain, run.output_dir / checkpoint.MODEL_FILE, meta)
+            checkpoint.atomic_write_text(run.output_dir / rundir.RESULTS_FILE, json.dumps(summary, indent=1))
+        except OSError as exc:
+            raise RunError(f"run.output_dir: {exc.strerror or exc} while exporting the model to {run.output_dir}; "
+                           "the training checkpoints are kept: run the same command again") from None
         run.tracker.log_artifact(run.output_dir / checkpoint.MODEL_FILE)
         run.tracker.log_artifact(run.output_dir / "metrics.json")
     acc.wait_for_everyone()
@@ -579,19 +669,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    recipe: Recipe | None = None
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         train(recipe, source=args.recipe)
     except UserError as exc:
-        print(f"nt-dist: error: {exc}", file=sys.stderr)
+        error(str(exc))
         return EXIT_USER_ERROR
-    except NonFiniteLoss as exc:
-        print(f"nt-dist: error: {args.recipe}: {exc}", file=sys.stderr)
-        return 1
-    except Preempted:
-        print(f"nt-dist: preempted: checkpoint saved in {recipe.run.output_dir}; "
-              f"run the same command again to resume", file=sys.stderr)
-        return EXIT_PREEMPTED
+    except RunError as exc:
+        error(f"{args.recipe}: {exc}")
+        return EXIT_RUN_ERROR
+    except Preempted as exc:
+        where = recipe.run.output_dir if recipe is not None else "the run folder"
+        kind = "interrupted" if exc.interrupted else "preempted"
+        say(f"nt-dist: {kind}: checkpoint saved in {where}; run the same command again to resume")
+        return EXIT_INTERRUPTED if exc.interrupted else EXIT_PREEMPTED
+    except KeyboardInterrupt:
+        say("nt-dist: interrupted before the first step (nothing to resume from was written)"
+            if recipe is None else f"nt-dist: interrupted: {recipe.run.output_dir} keeps its newest checkpoint; "
+            "run the same command again to resume")
+        return EXIT_INTERRUPTED
     finally:
         _destroy_process_group()
     return 0

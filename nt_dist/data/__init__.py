@@ -89,6 +89,9 @@ def build_data(cfg: DataConfig, seed: int, rank: int, world: int, device: torch.
     train_split, eval_split = SPLITS[cfg.name] if cfg.name in SPLITS else ("train", "test")
     train_base = build_dataset(cfg.name, cfg.root, train_split)
     eval_base = build_dataset(cfg.name, cfg.root, eval_split)
+    for split in (train_base, eval_base):
+        if hasattr(split, "check"):  # image files: find unreadable ones before the first step
+            split.check(rank, world)
     if cfg.train_subset:
         train_base = _Subset(train_base, cfg.train_subset)
     train = SeededTransformDataset(

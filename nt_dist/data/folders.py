@@ -36,6 +36,21 @@ def load_rgb(path: str) -> Image.Image:
         raise UserError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
 
 
+DECODE_ALL_UP_TO = 20_000  # files in a split that are decoded in full before the first step
+HEADERS_UP_TO = 200_000  # files in a split whose headers are read before the first step
+
+
+def check_images(paths: list[str], decode: bool) -> None:
+    """Open each file (``decode``: and decode it); the first bad file is a UserError naming it."""
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                if decode:
+                    image.load()
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise UserError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
+
+
 class _FileDataset:
     """Map-style ``(PIL RGB image, int label)`` over a list of ``(path, label)`` samples."""
 
@@ -49,6 +64,14 @@ class _FileDataset:
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
         return load_rgb(path), label
+
+    def check(self, rank: int = 0, world: int = 1) -> None:
+        """Find unreadable files before training, where that is cheap; each process checks its
+        share. A split of up to 20k files (Tiny-ImageNet's validation split: ~1 s) is decoded in
+        full; of up to 200k files (Tiny-ImageNet's training split, ~35 us a file) only the headers
+        are read; larger splits are checked as they are read."""
+        if len(self.samples) <= HEADERS_UP_TO:
+            check_images([path for path, _ in self.samples[rank::world]], decode=len(self.samples) <= DECODE_ALL_UP_TO)
 
 
 class TinyImageNetDataset(_FileDataset):

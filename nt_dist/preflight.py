@@ -1,0 +1,99 @@
+"""Checks that need more than the schema, run before anything is trained.
+
+``nt-dist check`` and ``nt-dist train`` both call :func:`validate`, so a recipe that ``check``
+calls valid is not rejected by ``train`` for any reason short of reading the data and the
+frozen networks' files: every network the recipe names exists and takes ``data.image_size``
+(a forward pass on the meta device: shapes only, no memory, milliseconds), the run folder can
+be written, and the tracking store can work.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from nt_dist.config import Recipe
+from nt_dist.errors import UserError
+
+
+def validate(recipe: Recipe, source: str) -> None:
+    check_networks(recipe, source)
+    check_output_dir(Path(recipe.run.output_dir))
+    if recipe.tracking.enabled:
+        check_tracking_uri(recipe)
+
+
+def check_networks(recipe: Recipe, source: str) -> None:
+    from nt_dist.models import UnknownModelError, create_model
+
+    named = [("model.name", recipe.model.name)]
+    if recipe.run.role == "nasty" and recipe.nasty.adversary:
+        named.append(("nasty.adversary", recipe.nasty.adversary))
+    if recipe.run.role == "student" and recipe.distill.teacher:
+        named.append(("distill.teacher", recipe.distill.teacher))
+    size = recipe.data.image_size
+    for key, name in named:
+        try:
+            with torch.device("meta"):
+                model = create_model(name, num_classes=recipe.model.num_classes or 10)
+        except UnknownModelError as exc:
+            raise UserError(f"{source}: {key}: {exc}") from None
+        except NotImplementedError:  # a model that cannot be built on the meta device: checked at run time
+            continue
+        try:
+            with torch.no_grad():
+                model.eval()(torch.empty(2, 3, size, size, device="meta"))
+        except NotImplementedError:
+            continue
+        except (RuntimeError, ValueError) as exc:
+            raise UserError(f"{source}: data.image_size: {size} px does not fit {key} {name!r} "
+                            f"({str(exc).splitlines()[0]})") from None
+
+
+def check_output_dir(folder: Path) -> None:
+    """The folder, or its nearest existing parent, must be a writable folder."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"run.output_dir: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == folder else f" (its parent {existing} is read-only)"
+        raise UserError(f"run.output_dir: {folder}: not writable{where}")
+
+
+def check_tracking_uri(recipe: Recipe) -> None:
+    """A store MLflow can open: a SQLite file in a writable folder, or a server address."""
+    from nt_dist.tracking import tracking_uri
+
+    uri = tracking_uri(recipe.tracking)
+    key = "tracking.uri" if recipe.tracking.uri else ("MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI")
+                                                       else "tracking.uri (default)")
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    if scheme == "sqlite":
+        if not uri.startswith("sqlite:///") or uri == "sqlite:///":
+            raise UserError(f"{key}: {uri}: expected sqlite:///PATH/TO/FILE.db")
+        db = Path(uri.removeprefix("sqlite:///"))
+        if db.exists():
+            if db.is_dir() or not os.access(db, os.R_OK | os.W_OK):
+                raise UserError(f"{key}: {db}: not a writable SQLite file")
+            target = db.parent
+        else:
+            target = db.parent
+            while not target.exists() and target != target.parent:
+                target = target.parent
+        # SQLite writes a journal beside the file, and mlartifacts/ goes there too
+        if not target.is_dir() or not os.access(target, os.W_OK | os.X_OK):
+            raise UserError(f"{key}: {uri}: the folder {target} is not writable; set tracking.uri to "
+                            "a writable sqlite:///PATH, or tracking.enabled=false")
+    elif scheme in ("http", "https", "databricks", "postgresql", "mysql", "mssql"):
+        return
+    elif scheme == "file" or not scheme or len(scheme) == 1:  # a path, or file:// (a Windows drive has one letter)
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+            raise UserError(f"{key}: {uri}: MLflow 3 refuses its file store (maintenance mode); use "
+                            "sqlite:///PATH.db or a server address")
+    else:
+        raise UserError(f"{key}: {uri}: unsupported tracking store; expected sqlite:///PATH.db or "
+                        "http(s)://HOST:PORT")
