@@ -35,7 +35,7 @@ from nt_dist import __version__, checkpoint, preflight, rundir
 from nt_dist.checkpoint import TrainState
 from nt_dist.config import Recipe, flatten, load_recipe, recipe_to_dict
 from nt_dist.data import DataBundle, build_data
-from nt_dist.errors import EXIT_INTERRUPTED, EXIT_RUN_ERROR, EXIT_USER_ERROR, RunError, UserError, error, say, warn
+from nt_dist.errors import EXIT_INTERRUPTED, EXIT_RUN_ERROR, EXIT_USER_ERROR, RunError, UserError, say, warn
 from nt_dist.frozen import FrozenNetwork, LogitCache, native_bf16
 from nt_dist.losses import kd_loss, nasty_teacher_loss
 from nt_dist.models import UnknownModelError, create_model
@@ -674,24 +674,37 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         train(recipe, source=args.recipe)
     except UserError as exc:
-        error(str(exc))
-        return EXIT_USER_ERROR
+        return report(f"nt-dist: error: {exc}", EXIT_USER_ERROR)
     except RunError as exc:
-        error(f"{args.recipe}: {exc}")
-        return EXIT_RUN_ERROR
+        return report(f"nt-dist: error: {args.recipe}: {exc}", EXIT_RUN_ERROR)
     except Preempted as exc:
         where = recipe.run.output_dir if recipe is not None else "the run folder"
         kind = "interrupted" if exc.interrupted else "preempted"
-        say(f"nt-dist: {kind}: checkpoint saved in {where}; run the same command again to resume")
-        return EXIT_INTERRUPTED if exc.interrupted else EXIT_PREEMPTED
+        return report(f"nt-dist: {kind}: checkpoint saved in {where}; run the same command again to resume",
+                      EXIT_INTERRUPTED if exc.interrupted else EXIT_PREEMPTED)
     except KeyboardInterrupt:
-        say("nt-dist: interrupted before the first step (nothing to resume from was written)"
-            if recipe is None else f"nt-dist: interrupted: {recipe.run.output_dir} keeps its newest checkpoint; "
-            "run the same command again to resume")
-        return EXIT_INTERRUPTED
+        where = f"{recipe.run.output_dir} keeps its newest checkpoint" if recipe is not None else "nothing was trained"
+        return report(f"nt-dist: interrupted: {where}", EXIT_INTERRUPTED)
     finally:
         _destroy_process_group()
     return 0
+
+
+REPORT_GRACE_S = 30.0
+
+
+def report(line: str, code: int) -> int:
+    """Print the run's last line once for the whole job. Every rank meets the same error, but
+    the launcher stops the other ranks as soon as one exits: a rank other than 0 leaves the
+    report to rank 0 and waits to be stopped, and reports itself only if that does not happen
+    within ``REPORT_GRACE_S`` (an error of its own)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        try:
+            time.sleep(REPORT_GRACE_S)
+        except KeyboardInterrupt:
+            return code
+    say(line)
+    return code
 
 
 def _destroy_process_group() -> None:

@@ -89,6 +89,12 @@ README_CASES = {
     "unknown model name": ("recipe.yaml", "model: {name: resnet1}\n", {}),
     "fp16 on a CPU": ("recipe.yaml", "run: {precision: fp16}\ntracking: {enabled: false}\n", {}),
     "an FSDP launcher config": ("recipe.yaml", "tracking: {enabled: false}\n", {"ACCELERATE_USE_FSDP": "true"}),
+    "a value out of range or not finite": ("recipe.yaml", "optim: {lr: .inf}\n", {}),
+    "an image size the network cannot take": ("recipe.yaml", "data: {image_size: 4}\n", {}),
+    "recipe not UTF-8": ("recipe.yaml", "run:\n  name: caf\xe9\n".encode("latin-1"), {}),
+    "recipe not a mapping": ("recipe.yaml", "- run\n- data\n", {}),
+    "`run.output_dir` is a file": ("recipe.yaml", "run: {output_dir: taken}\n", {}),
+    "a tracking store that cannot work": ("recipe.yaml", "tracking: {uri: 'ftp://host/x'}\n", {}),
 }
 
 
@@ -103,8 +109,11 @@ def test_the_readme_shows_the_real_error_line(tmp_path: Path, label: str):
         if torch.cuda.is_available():
             pytest.skip("fp16 runs where there is a GPU")
     name, text, env = README_CASES[label]
-    if text is not None:
+    if isinstance(text, bytes):
+        (tmp_path / name).write_bytes(text)
+    elif text is not None:
         (tmp_path / name).write_text(text)
+    (tmp_path / "taken").write_text("a file where the run folder should be")
     proc = subprocess.run([NT_DIST, "train", name], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           env={**os.environ, **env})
     assert_one_line_error(proc)

@@ -61,14 +61,20 @@ def test_sigkill_then_same_command_gives_identical_weights(tmp_path: Path, refer
     assert_identical(out, reference)
 
 
-def test_sigterm_checkpoints_at_the_next_step_and_exits_for_requeue(tmp_path: Path, reference: dict):
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGTERM, 75, "preempted"), (signal.SIGINT, 130, "interrupted")])
+def test_sigterm_or_ctrl_c_checkpoints_at_the_next_step_and_exits(tmp_path: Path, reference: dict, sig: int,
+                                                                  code: int, word: str):
+    """SIGTERM (a scheduler's warning) exits 75 for a requeue; Ctrl-C exits 130; both keep the
+    steps since the last checkpoint."""
     out = tmp_path / "run"
     proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for((out / "checkpoints", "step_000000003"), proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 75, err
-    assert "preempted" in err and "Traceback" not in err
+    assert proc.returncode == code, err
+    assert [line for line in err.splitlines() if line.startswith("nt-dist:")] == [
+        f"nt-dist: {word}: checkpoint saved in {out}; run the same command again to resume"]
+    assert "Traceback" not in err
     latest = sorted((out / "checkpoints").glob("step_*"))[-1]
     state = json.loads(latest.joinpath("trainer_state.json").read_text())
     assert state["global_step"] >= 3
@@ -77,15 +83,20 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_for_requeue(tmp_path: Pa
     assert_identical(out, reference)
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path, reference: dict):
+@pytest.mark.parametrize("damage", ["truncated optimizer", "counters of the wrong type"])
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path, reference: dict, damage: str):
     out = tmp_path / "run"
     proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for((out / "checkpoints", "step_000000008"), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     latest = sorted((out / "checkpoints").glob("step_*"))[-1]
-    optimizer = latest / "optimizer.bin"
-    optimizer.write_bytes(optimizer.read_bytes()[:100])  # truncated by a crash of the file system
+    if damage == "truncated optimizer":
+        optimizer = latest / "optimizer.bin"
+        optimizer.write_bytes(optimizer.read_bytes()[:100])  # truncated by a crash of the file system
+    else:
+        counters = json.loads((latest / "trainer_state.json").read_text())
+        (latest / "trainer_state.json").write_text(json.dumps({**counters, "global_step": str(counters["global_step"])}))
     done = subprocess.run(command(out), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "nt-dist: warning: skipping unusable checkpoint" in done.stderr and latest.name in done.stderr
