@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -35,11 +34,12 @@ from nt_dist import __version__, checkpoint, preflight, rundir
 from nt_dist.checkpoint import TrainState
 from nt_dist.config import Recipe, flatten, load_recipe, recipe_to_dict
 from nt_dist.data import DataBundle, build_data
-from nt_dist.errors import EXIT_INTERRUPTED, EXIT_RUN_ERROR, EXIT_USER_ERROR, RunError, UserError, say, warn
+from nt_dist.errors import EXIT_INTERRUPTED, EXIT_RUN_ERROR, EXIT_USER_ERROR, RunError, UserError, warn
 from nt_dist.frozen import FrozenNetwork, LogitCache, native_bf16
 from nt_dist.losses import kd_loss, nasty_teacher_loss
 from nt_dist.models import UnknownModelError, create_model
 from nt_dist.optim import build_optimizer, build_scheduler
+from nt_dist.ranks import Preempted, Preemption, agree, claim_folder, on_every_rank, report
 from nt_dist.tracking import Tracker
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on SIGTERM/SIGUSR1; cluster/slurm requeues on it
@@ -107,48 +107,6 @@ class Run:
 
 class NonFiniteLoss(RunError):
     pass
-
-
-class Preempted(Exception):
-    """The loop stopped at a step boundary on a signal; ``interrupted``: it was SIGINT (Ctrl-C)."""
-
-    def __init__(self, interrupted: bool = False) -> None:
-        super().__init__("interrupted" if interrupted else "preempted")
-        self.interrupted = interrupted
-
-
-class Preemption:
-    """SIGTERM/SIGUSR1 (a scheduler's warning) and SIGINT (Ctrl-C) set a flag; the loop
-    checkpoints at the next step boundary and exits with ``EXIT_PREEMPTED`` (130 for Ctrl-C).
-    A second Ctrl-C stops at once. All ranks agree through one all-reduce per step."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.interrupted = False
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT:
-            if self.interrupted:
-                raise KeyboardInterrupt
-            self.interrupted = True
-        self.requested = True
-
-    def agreed(self, accelerator: Any) -> bool:
-        if accelerator.num_processes == 1:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def build_accelerator(recipe: Recipe, source: str = "<recipe>") -> Any:
@@ -279,49 +237,6 @@ def setup(recipe: Recipe, source: str) -> Run:
         if lock is not None:
             lock.abandon()
         raise
-
-
-def claim_folder(accelerator: Any, recipe: Recipe, source: str) -> rundir.RunLock | None:
-    """The main process locks and prepares the run folder; every rank learns the outcome, so a
-    refusal ends all of them with the same line instead of leaving some in a collective."""
-    lock, problem = None, ""
-    if accelerator.is_main_process:
-        try:
-            lock, _ = rundir.claim(recipe, source)
-        except UserError as exc:
-            problem = str(exc)
-    problem = agree(accelerator, problem)
-    if problem:
-        raise UserError(problem)
-    return lock
-
-
-def agree(accelerator: Any, value: Any) -> Any:
-    """The main process's ``value``, on every rank."""
-    if accelerator.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([value])[0]
-
-
-def on_every_rank(accelerator: Any, make: Callable[[], Any]) -> Any:
-    """``make()`` on every rank; a UserError on any rank (a bad file in its share of the data)
-    ends every rank with that line, instead of leaving the others waiting in a collective."""
-    problem, value = "", None
-    try:
-        value = make()
-    except UserError as exc:
-        if accelerator.num_processes == 1:
-            raise
-        problem = str(exc)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        problem = next((p for p in gather_object([problem]) if p), "")
-    if problem:
-        raise UserError(problem)
-    return value
 
 
 def _build(accelerator: Any, recipe: Recipe, source: str, lock: rundir.RunLock | None) -> Run:
@@ -688,23 +603,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _destroy_process_group()
     return 0
-
-
-REPORT_GRACE_S = 30.0
-
-
-def report(line: str, code: int) -> int:
-    """Print the run's last line once for the whole job. Every rank meets the same error, but
-    the launcher stops the other ranks as soon as one exits: a rank other than 0 leaves the
-    report to rank 0 and waits to be stopped, and reports itself only if that does not happen
-    within ``REPORT_GRACE_S`` (an error of its own)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
-        try:
-            time.sleep(REPORT_GRACE_S)
-        except KeyboardInterrupt:
-            return code
-    say(line)
-    return code
 
 
 def _destroy_process_group() -> None:
