@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from nt_dist.checkpoint import CHECKPOINTS, MODEL_FILE, checkpoint_dirs, remove_stale_temporaries
+from nt_dist.checkpoint import MODEL_FILE, atomic_write_text, checkpoint_dirs, remove_stale_temporaries
 from nt_dist.config import Recipe, flatten, recipe_from_dict, recipe_to_dict
 from nt_dist.errors import UserError, warn
 
@@ -219,8 +219,6 @@ def claim(recipe: Recipe, source: str) -> tuple[RunLock, FolderState]:
             lock = RunLock(folder)
             lock.acquire()
         remove_stale_temporaries(folder)
-        from nt_dist.checkpoint import atomic_write_text
-
         atomic_write_text(folder / RECIPE_FILE, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
     except BaseException:
         lock.release()
@@ -262,9 +260,5 @@ def trim_log(folder: Path, global_step: int) -> None:
         else:
             kept.append(line)
     if dropped:
-        from nt_dist.checkpoint import atomic_write_text
-
         atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
-
-__all__ = ["CHECKPOINTS", "FolderState", "RunLock", "claim", "differing_keys", "inspect", "move_aside", "trim_log"]
