@@ -611,5 +611,19 @@ def _destroy_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def exit_launched(code: int) -> None:
+    """End a process started by a launcher (``accelerate launch``, torchrun) without the
+    interpreter's teardown. Even after ``destroy_process_group`` a DeepSpeed rank on CPU
+    sometimes aborted while exiting ("terminate called without an active exception", SIGABRT),
+    after its work was done and saved; the launcher then failed the whole job. By this point
+    every file is written atomically and MLflow has been told the run's end, so nothing is lost
+    by skipping teardown: flush the streams and leave."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_launched(main())
