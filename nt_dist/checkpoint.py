@@ -218,7 +218,7 @@ def remove_stale_temporaries(output_dir: Path) -> None:
     for folder in (output_dir, output_dir / CHECKPOINTS):
         if folder.is_dir():
             for path in folder.iterdir():
-                if not (path.name.startswith(TMP_PREFIX) or (path.name.startswith(".") and ".tmp" in path.name)):
+                if not (path.name.startswith(".") and ".tmp" in path.name):  # TMP_PREFIX and atomic writes' names
                     continue
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)

@@ -192,11 +192,10 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
 def recipe_from_dict(tree: dict[str, Any], source: str = "<recipe>") -> Recipe:
     """Validate a nested dict into a Recipe; errors name ``source`` and the dotted key."""
     for section, body in tree.items():
-        keys = body if isinstance(body, dict) else {}
-        for key in (section, *keys):
-            if not isinstance(key, str):
-                where = f"{section}." if key is not section else ""
-                raise UserError(f"{source}: {where}{key!r}: keys are names, not {type(key).__name__}s")
+        names = [(f"{section}.", key) for key in body] if isinstance(body, dict) else []
+        for prefix, name in [("", section), *names]:
+            if not isinstance(name, str):
+                raise UserError(f"{source}: {prefix}{name!r}: keys are names, not {type(name).__name__}s")
     try:
         recipe = pydantic.TypeAdapter(Recipe).validate_python(tree)
     except pydantic.ValidationError as exc:

@@ -50,10 +50,9 @@ class RunError(Exception):
 
 
 def say(line: str) -> None:
-    """Write one line to stderr in a single ``write``: lines of several processes sharing one
-    stream (ranks under ``accelerate launch``) never interleave mid-line (POSIX keeps writes of
-    up to PIPE_BUF = 4096 bytes to a pipe whole; ``print`` issues the text and the newline as
-    two writes)."""
+    """Write one line to stderr in a single ``write``, whatever the stream's buffering: lines of
+    several processes sharing one pipe never mix (POSIX keeps writes of up to PIPE_BUF = 4096
+    bytes to a pipe whole, and a line is at most ``MAX_LINE`` characters)."""
     sys.stderr.flush()
     data = (one_line(line) + "\n").encode("utf-8", "replace")
     try:

@@ -52,11 +52,16 @@ def check_networks(recipe: Recipe, source: str) -> None:
                             f"({str(exc).splitlines()[0]})") from None
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself, or the closest of its parents that exists (what a mkdir -p would write in)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_output_dir(folder: Path) -> None:
     """The folder, or its nearest existing parent, must be a writable folder."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         raise UserError(f"run.output_dir: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -76,14 +81,9 @@ def check_tracking_uri(recipe: Recipe) -> None:
         if not uri.startswith("sqlite:///") or uri == "sqlite:///":
             raise UserError(f"{key}: {uri}: expected sqlite:///PATH/TO/FILE.db")
         db = Path(uri.removeprefix("sqlite:///"))
-        if db.exists():
-            if db.is_dir() or not os.access(db, os.R_OK | os.W_OK):
-                raise UserError(f"{key}: {db}: not a writable SQLite file")
-            target = db.parent
-        else:
-            target = db.parent
-            while not target.exists() and target != target.parent:
-                target = target.parent
+        if db.exists() and (db.is_dir() or not os.access(db, os.R_OK | os.W_OK)):
+            raise UserError(f"{key}: {db}: not a writable SQLite file")
+        target = nearest_existing(db.parent)
         # SQLite writes a journal beside the file, and mlartifacts/ goes there too
         if not target.is_dir() or not os.access(target, os.W_OK | os.X_OK):
             raise UserError(f"{key}: {uri}: the folder {target} is not writable; set tracking.uri to "

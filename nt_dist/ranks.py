@@ -111,12 +111,17 @@ class Preemption:
 REPORT_GRACE_S = 30.0
 
 
+def launched() -> tuple[int, int]:
+    """``(rank, world size)`` as the launcher (accelerate launch, torchrun) set them; (0, 1) alone."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def report(line: str, code: int) -> int:
     """Print the run's last line once for the whole job. Every rank meets the same error, but
     the launcher stops the other ranks as soon as one exits: a rank other than 0 leaves the
     report to rank 0 and waits to be stopped, and reports itself only if that does not happen
     within ``REPORT_GRACE_S`` (an error of its own)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+    if launched()[0] != 0:
         try:
             time.sleep(REPORT_GRACE_S)
         except KeyboardInterrupt:

@@ -31,9 +31,17 @@ from typing import Any
 
 import yaml
 
-from nt_dist.checkpoint import MODEL_FILE, atomic_write_text, checkpoint_dirs, remove_stale_temporaries
+from nt_dist.checkpoint import (
+    MODEL_FILE,
+    STATE_FILE,
+    atomic_write_text,
+    checkpoint_dirs,
+    parse_state,
+    remove_stale_temporaries,
+)
 from nt_dist.config import Recipe, flatten, recipe_from_dict, recipe_to_dict
 from nt_dist.errors import UserError, warn
+from nt_dist.preflight import check_output_dir
 
 RECIPE_FILE = "resolved_recipe.yaml"
 RESULTS_FILE = "metrics.json"
@@ -62,7 +70,8 @@ def inspect(recipe: Recipe, source: str) -> FolderState:
         return FolderState("fresh")
     if recipe.run.resume == "never":
         return FolderState("replace" if _holds_files(folder) else "fresh")
-    has_work = bool(checkpoint_dirs(folder)) or (folder / RESULTS_FILE).is_file() or (folder / MODEL_FILE).is_file()
+    checkpoints = checkpoint_dirs(folder)
+    has_work = bool(checkpoints) or (folder / RESULTS_FILE).is_file() or (folder / MODEL_FILE).is_file()
     old = _recorded_recipe(folder)
     if old is None:
         if has_work:
@@ -75,7 +84,7 @@ def inspect(recipe: Recipe, source: str) -> FolderState:
             return FolderState("replace")
         raise UserError(f"run.output_dir: {folder} holds a run of another recipe ({_describe(differ)}); {_WAYS_OUT}")
     results = _read_results(folder)
-    trained = _epochs_trained(folder, results, old)
+    trained = _epochs_trained(checkpoints, results, old)
     if trained is not None and recipe.run.epochs < trained:
         raise UserError(f"{source}: run.epochs: {recipe.run.epochs}, but {folder} has already trained {trained} "
                         f"epochs; {_WAYS_OUT}")
@@ -83,10 +92,10 @@ def inspect(recipe: Recipe, source: str) -> FolderState:
         target = (results.get("epochs", old.run.epochs), results.get("max_steps", old.run.max_steps))
         if target == (recipe.run.epochs, recipe.run.max_steps):
             return FolderState("finished", results)
-        if not checkpoint_dirs(folder):
+        if not checkpoints:
             raise UserError(f"run.output_dir: {folder} finished {target[0]} epochs and keeps no checkpoint to "
                             f"continue from; {_WAYS_OUT}")
-    return FolderState("resume" if checkpoint_dirs(folder) else "fresh")
+    return FolderState("resume" if checkpoints else "fresh")
 
 
 _WAYS_OUT = "use another run.output_dir, or run.resume=never to move the old run aside and start over"
@@ -134,13 +143,12 @@ def _read_results(folder: Path) -> dict[str, Any] | None:
     return results if isinstance(results, dict) and isinstance(results.get("final"), dict) else None
 
 
-def _epochs_trained(folder: Path, results: dict[str, Any] | None, old: Recipe) -> int | None:
+def _epochs_trained(checkpoints: list[Path], results: dict[str, Any] | None, old: Recipe) -> int | None:
     """Whole epochs behind the newest checkpoint (or the finished run), if that can be read."""
-    for directory in checkpoint_dirs(folder)[:1]:
+    for directory in checkpoints[:1]:
         try:
-            counters = json.loads((directory / "trainer_state.json").read_text(encoding="utf-8"))
-            return int(counters["epoch"])
-        except (OSError, ValueError, KeyError, TypeError):
+            return parse_state(json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))).epoch
+        except (OSError, ValueError, TypeError):
             return None
     if results is not None:
         return int(results.get("epochs", old.run.epochs))
@@ -191,14 +199,11 @@ class RunLock:
 
 
 def _make_folder(folder: Path) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"run.output_dir: {folder} is a file, not a folder")
+    check_output_dir(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"run.output_dir: {folder}: cannot create it ({exc.strerror})") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"run.output_dir: {folder}: not writable")
 
 
 def claim(recipe: Recipe, source: str) -> tuple[RunLock, FolderState]:

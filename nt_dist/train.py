@@ -39,7 +39,7 @@ from nt_dist.frozen import FrozenNetwork, LogitCache, native_bf16
 from nt_dist.losses import kd_loss, nasty_teacher_loss
 from nt_dist.models import UnknownModelError, create_model
 from nt_dist.optim import build_optimizer, build_scheduler
-from nt_dist.ranks import Preempted, Preemption, agree, claim_folder, on_every_rank, report
+from nt_dist.ranks import Preempted, Preemption, agree, claim_folder, launched, on_every_rank, report
 from nt_dist.tracking import Tracker
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on SIGTERM/SIGUSR1; cluster/slurm requeues on it
@@ -498,7 +498,7 @@ def train(recipe: Recipe, source: str = "<recipe>") -> dict[str, float]:
 
 
 def _announce_finished(recipe: Recipe, results: dict[str, Any]) -> None:
-    if os.environ.get("RANK", "0") != "0":
+    if launched()[0] != 0:
         return
     folder = Path(recipe.run.output_dir)
     top1 = results["final"].get("test_top1")
@@ -618,7 +618,7 @@ def exit_launched(code: int) -> None:
     after its work was done and saved; the launcher then failed the whole job. By this point
     every file is written atomically and MLflow has been told the run's end, so nothing is lost
     by skipping teardown: flush the streams and leave."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched()[1] > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -32,8 +32,12 @@ def load_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except _UNREADABLE as exc:
         raise UserError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
+
+
+# what PIL raises for a file it cannot read (SyntaxError: some plugins on a malformed header)
+_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 DECODE_ALL_UP_TO = 20_000  # files in a split that are decoded in full before the first step
@@ -41,13 +45,16 @@ HEADERS_UP_TO = 200_000  # files in a split whose headers are read before the fi
 
 
 def check_images(paths: list[str], decode: bool) -> None:
-    """Open each file (``decode``: and decode it); the first bad file is a UserError naming it."""
+    """Open each file (``decode``: and decode it, as :func:`load_rgb` would); the first bad file
+    is a UserError naming it."""
     for path in paths:
+        if decode:
+            load_rgb(path)
+            continue
         try:
-            with Image.open(path) as image:
-                if decode:
-                    image.load()
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            with Image.open(path):
+                pass
+        except _UNREADABLE as exc:
             raise UserError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
 
 
