@@ -11,7 +11,8 @@ STAMP := $(VENV)/.nt-dist-installed
 setup: $(STAMP)
 
 # torch/torchvision: the pair served from local files on our machines (pip is capped there;
-# a newer torch would download several GB). DeepSpeed is installed without building its ops
+# a newer torch would download several GB). setup.cfg states lower bounds only, which this pair
+# satisfies, so the `pip install -e` below keeps it. DeepSpeed is installed without building its ops
 # (they JIT-compile on first use). ffcv builds against OpenCV and libturbojpeg: installed here
 # when we are root; otherwise the loader falls back to torchvision and we say what to install.
 $(STAMP): setup.cfg pyproject.toml
