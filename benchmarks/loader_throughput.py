@@ -1,14 +1,16 @@
-"""Training-input throughput: FFCV vs the torchvision ImageFolder + DataLoader path, same images.
+"""Training-input throughput of each loader (device, torch, ffcv), same images.
 
 Writes real pixels (scikit-learn's digits, upsampled to ``--size`` px, saved as JPEG) in the
-Tiny-ImageNet-200 layout, writes the ``.beton`` from that folder, then times
-``nt_dist.data.build_data`` with ``data.loader: torch`` and ``data.loader: ffcv`` on the same
-images, resolution, random-resized-crop + flip and worker count. Only steady-state epochs
-count: each path's first epoch is discarded (numba compiles the ffcv pipeline there; the torch
-path warms its file cache). Prints a markdown table, logs to MLflow (experiment
-``benchmarks``), and ends with ``speedup ffcv/torch: X.Xx``.
+Tiny-ImageNet-200 layout, writes the ``.beton`` from that folder (when ffcv is installed), then
+times the training source of ``nt_dist.data.build_data`` with ``data.loader: device``, ``torch``
+and ``ffcv`` on the same images, resolution, augmentation and worker count: batches made,
+augmented and normalised on the device (here: the CPU), ready for a step. Only steady-state
+epochs count: each path's first epoch is discarded (numba compiles the ffcv pipeline there; the
+torch path warms its file cache; the device path decodes its cache before). Prints a markdown
+table, logs to MLflow (experiment ``benchmarks``), and ends with ``speedup device/torch: X.Xx``.
 
-    python benchmarks/loader_throughput.py --quick          # < 5 min on 2 cores
+    python benchmarks/loader_throughput.py --quick                        # rrc_flip, < 5 min on 2 cores
+    python benchmarks/loader_throughput.py --quick --augment rotate_flip  # the Tiny-ImageNet pipeline
 """
 
 from __future__ import annotations
@@ -29,10 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: nt_di
 
 from nt_dist.config import DataConfig
 from nt_dist.data import build_data
-from nt_dist.data.ffcv_io import write_ffcv
 from tests.conftest_data import digit_images, write_tinyimagenet
 
-FFCV_EPOCHS_PER_ROUND = 3  # an ffcv epoch is several times shorter than a torch epoch
+EPOCHS_PER_ROUND = {"torch": 1, "ffcv": 3, "device": 3}  # the fast loaders' epochs are several times shorter
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader processes / ffcv threads")
     parser.add_argument("--batch", type=int, default=256, help="batch size")
     parser.add_argument("--images", type=int, default=0, help="training images (default 16384; --quick 4096)")
+    parser.add_argument("--augment", default="rrc_flip", help="data.augment mode (ffcv: not rotate_flip)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     args = parser.parse_args(argv)
+    loaders = ["device", "torch"] + (["ffcv"] if _ffcv_usable(args.augment) else [])
     n_images = args.images or (4096 if args.quick else 16384)
     rounds = 2 if args.quick else 3
 
@@ -51,29 +54,44 @@ def main(argv: list[str] | None = None) -> int:
         root, ffcv_dir = Path(tmp) / "tiny-imagenet-200", Path(tmp) / "ffcv"
         started = time.perf_counter()
         _write_layout(root, n_images, args.size)
-        write_ffcv("tinyimagenet", str(root), str(ffcv_dir), jpeg_quality=90, workers=args.workers)
+        if "ffcv" in loaders:
+            
+            write_ffcv("tinyimagenet", str(root), str(ffcv_dir), jpeg_quality=90, workers=args.workers)
+        os.environ.setdefault("NT_DIST_CACHE", str(Path(tmp) / "cache"))
         prepare_s = time.perf_counter() - started
         load_before = os.getloadavg()[0]
-        rows = _measure(root, ffcv_dir, args, rounds)
+        rows = _measure(root, ffcv_dir, args, rounds, loaders)
         load_after = os.getloadavg()[0]
 
-    speedup = rows["ffcv"]["images_per_s"] / rows["torch"]["images_per_s"]
+    speedups = {name: rows[name]["images_per_s"] / rows["torch"]["images_per_s"] for name in rows if name != "torch"}
     params = {"size": args.size, "workers": args.workers, "batch": args.batch, "images": n_images,
-              "quick": args.quick, "augment": "rrc_flip", "beton": "jpg q90",
+              "quick": args.quick, "augment": args.augment, "beton": "jpg q90" if "ffcv" in rows else "-",
               "source": "digits upsampled, JPEG q95, Tiny-ImageNet layout",
               "cpus": os.cpu_count(), "cpu": _cpu_name(), "load_average": f"{load_before:.1f}->{load_after:.1f}",
-              "torch": torch.__version__, "ffcv": version("ffcv")}
+              "torch": torch.__version__, "ffcv": version("ffcv") if "ffcv" in rows else "-"}
     if not args.no_mlflow:
-        _log_mlflow(params, rows, speedup)
-    print(f"\n{n_images} images, {args.size} px JPEG, random-resized-crop + flip, batch {args.batch}, "
+        _log_mlflow(params, rows, speedups)
+    print(f"\n{n_images} images, {args.size} px JPEG, {args.augment}, batch {args.batch}, "
           f"{args.workers} workers, {os.cpu_count()} CPUs, load average {load_before:.1f} -> {load_after:.1f} "
           f"(prepare: {prepare_s:.0f} s)\n")
     print("| loader | epochs timed | images | seconds | images/s |")
     print("|---|---|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {row['epochs']} | {row['images']} | {row['seconds']:.2f} | {row['images_per_s']:,.0f} |")
-    print(f"speedup ffcv/torch: {speedup:.1f}x")
+    if "ffcv" in speedups:
+        print(f"speedup ffcv/torch: {speedups['ffcv']:.1f}x")
+    print(f"speedup device/torch: {speedups['device']:.1f}x")
     return 0
+
+
+def _ffcv_usable(augment: str) -> bool:
+    if augment == "rotate_flip":  # ffcv has no rotation
+        return False
+    try:
+        import ffcv  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _write_layout(root: Path, n_images: int, size: int) -> None:
@@ -86,17 +104,18 @@ def _write_layout(root: Path, n_images: int, size: int) -> None:
     write_tinyimagenet(root, wnids, train, val)
 
 
-def _measure(root: Path, ffcv_dir: Path, args: argparse.Namespace, rounds: int) -> dict[str, dict[str, float]]:
+def _measure(root: Path, ffcv_dir: Path, args: argparse.Namespace, rounds: int,
+             loaders: list[str]) -> dict[str, dict[str, float]]:
     """Images/s of each loader's training source over steady-state epochs.
 
     Each loader's epoch 0 is discarded (ffcv: numba compiles; torch: file cache). Then the timed
-    epochs are interleaved, one torch epoch and FFCV_EPOCHS_PER_ROUND ffcv epochs per round, so
-    that load from other processes on the machine hits both alike.
+    epochs are interleaved, EPOCHS_PER_ROUND of each loader per round, so that load from other
+    processes on the machine hits all alike.
     """
     sources = {}
-    for loader in ("torch", "ffcv"):
+    for loader in loaders:
         cfg = DataConfig(name="tinyimagenet", root=str(root), ffcv_dir=str(ffcv_dir), loader=loader,
-                         image_size=args.size, batch_size=args.batch, num_workers=args.workers, augment="rrc_flip")
+                         image_size=args.size, batch_size=args.batch, num_workers=args.workers, augment=args.augment)
         sources[loader] = build_data(cfg, seed=0, rank=0, world=1, device=torch.device("cpu")).train
     totals = {loader: {"epochs": 0, "images": 0, "seconds": 0.0} for loader in sources}
     next_epoch = dict.fromkeys(sources, 0)
@@ -116,13 +135,13 @@ def _measure(root: Path, ffcv_dir: Path, args: argparse.Namespace, rounds: int) 
     for loader in sources:
         run(loader, timed=False)
     for _ in range(rounds):
-        run("torch", timed=True)
-        for _ in range(FFCV_EPOCHS_PER_ROUND):
-            run("ffcv", timed=True)
+        for loader in sources:
+            for _ in range(EPOCHS_PER_ROUND[loader]):
+                run(loader, timed=True)
     return {loader: {**row, "images_per_s": row["images"] / row["seconds"]} for loader, row in totals.items()}
 
 
-def _log_mlflow(params: dict[str, object], rows: dict[str, dict[str, float]], speedup: float) -> None:
+def _log_mlflow(params: dict[str, object], rows: dict[str, dict[str, float]], speedups: dict[str, float]) -> None:
     import mlflow
 
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
@@ -130,7 +149,7 @@ def _log_mlflow(params: dict[str, object], rows: dict[str, dict[str, float]], sp
     with mlflow.start_run(run_name="loader_throughput"):
         mlflow.log_params(params)
         mlflow.log_metrics({f"{name}_images_per_s": row["images_per_s"] for name, row in rows.items()}
-                           | {"speedup_ffcv_over_torch": speedup})
+                           | {f"speedup_{name}_over_torch": value for name, value in speedups.items()})
 
 
 def _cpu_name() -> str:

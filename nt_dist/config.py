@@ -68,7 +68,11 @@ class DataConfig:
     batch_size: int = Field(default=64, ge=1, le=65536)  # per process
     eval_batch_size: int = Field(default=256, ge=1, le=65536)  # per process
     num_workers: int = Field(default=0, ge=0, le=512)
-    loader: Literal["torch", "ffcv"] = "torch"
+    # auto: device where the decoded splits fit in half the free memory, else torch | device:
+    # decoded once into a uint8 cache, held on the training device, augmented there batch-wise |
+    # torch: torchvision + DataLoader workers | ffcv: .beton files (nt-dist data write-ffcv)
+    loader: Literal["auto", "device", "torch", "ffcv"] = "auto"
+    cache_dir: str = ""  # device loader's decoded splits; "": $NT_DIST_CACHE or ~/.cache/nt_dist
     ffcv_dir: str = ""  # folder with train.beton / val.beton (ffcv loader)
     # none | shift (±2 px translate) | pad_crop_flip (CIFAR) | rotate_flip (the authors'
     # Tiny-ImageNet pipeline: ±20° rotation + flip) | rrc_flip (ImageNet-style)
@@ -287,15 +291,15 @@ def _check(recipe: Recipe, source: str) -> None:
     if recipe.optim.warmup_epochs > recipe.run.epochs:
         raise UserError(f"{source}: optim.warmup_epochs: {recipe.optim.warmup_epochs} exceeds run.epochs "
                         f"({recipe.run.epochs})")
-    if recipe.data.augment_views and recipe.data.loader != "torch":
-        raise UserError(f"{source}: data.augment_views: needs data.loader: torch (ffcv draws augmentations "
-                        "from a global RNG)")
+    if recipe.data.augment_views and recipe.data.loader == "ffcv":
+        raise UserError(f"{source}: data.augment_views: needs data.loader: auto, device or torch (ffcv draws "
+                        "augmentations from a global RNG)")
     for section in ("nasty", "distill"):
         if getattr(recipe, section).cache_logits:
-            if recipe.data.loader != "torch":
-                raise UserError(f"{source}: {section}.cache_logits: needs data.loader: torch")
+            if recipe.data.loader == "ffcv":
+                raise UserError(f"{source}: {section}.cache_logits: needs data.loader: auto, device or torch")
             if not recipe.data.augment_views and recipe.data.augment != "none":
                 raise UserError(f"{source}: {section}.cache_logits: needs data.augment_views > 0 (or "
                                 "data.augment: none); with a fresh augmentation every epoch no image repeats")
-    if recipe.data.name != "digits" and recipe.data.loader == "torch" and not recipe.data.root:
+    if recipe.data.name != "digits" and recipe.data.loader != "ffcv" and not recipe.data.root:
         raise UserError(f"{source}: data.root: required for data set {recipe.data.name!r}")

@@ -48,7 +48,8 @@ RESULTS_FILE = "metrics.json"
 LOG_FILE = "metrics.jsonl"
 LOCK_FILE = ".nt-dist.lock"
 MUTABLE = frozenset({"run.name", "run.output_dir", "run.resume", "run.progress", "run.max_steps",
-                     "run.checkpoint_every_steps", "run.keep_last", "data.num_workers", "data.eval_batch_size"})
+                     "run.checkpoint_every_steps", "run.keep_last", "data.num_workers", "data.eval_batch_size",
+                     "data.cache_dir"})
 EXTENSIBLE_SCHEDULES = ("constant", "multistep")
 
 

@@ -29,6 +29,15 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     return uri
 
 
+@pytest.fixture(scope="session", autouse=True)
+def array_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The device loader's decoded splits go to a temporary folder, never into ~/.cache
+    (subprocesses inherit the variable)."""
+    folder = tmp_path_factory.mktemp("array-cache")
+    os.environ["NT_DIST_CACHE"] = str(folder)
+    return folder
+
+
 def tiny_overrides(out: Path, role: str = "teacher", **extra: str) -> list[str]:
     """A few-step digits run: 2 epochs of 8 steps at batch 32 on 256 images."""
     values = {

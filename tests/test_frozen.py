@@ -76,7 +76,7 @@ def test_training_with_the_cache_equals_training_without(tmp_path: Path, role: s
 def test_cache_needs_repeating_views(tmp_path: Path):
     with pytest.raises(UserError, match="nasty.cache_logits: needs data.augment_views"):
         load_recipe(REPO / "recipes" / "digits_nasty.yaml", ["nasty.cache_logits=true"])
-    with pytest.raises(UserError, match="data.augment_views: needs data.loader: torch"):
+    with pytest.raises(UserError, match="data.augment_views: needs data.loader: auto, device or torch"):
         load_recipe(REPO / "recipes" / "digits_nasty.yaml", ["data.augment_views=4", "data.loader=ffcv"])
     assert load_recipe(REPO / "recipes" / "digits_nasty.yaml", ["nasty.cache_logits=true", "data.augment=none"])
 

@@ -2,7 +2,9 @@
 
 ``build_dataset(name, root, split)`` gives a map-style dataset of ``(PIL image, int label)``
 with no augmentation; ``build_data(cfg, ...)`` gives the training and evaluation sources the
-training loop iterates, through FFCV (``data.loader: ffcv``) or torchvision + DataLoader.
+training loop iterates: held whole on the training device (``data.loader: device``; ``auto``
+picks it where the decoded splits fit), through FFCV (``ffcv``) or torchvision + DataLoader
+(``torch``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from nt_dist.config import DataConfig
 from nt_dist.data.torch_loader import SeededTransformDataset, TorchEvalSource, TorchTrainSource
 from nt_dist.data.transforms import build_transform
-from nt_dist.errors import UserError, warn
+from nt_dist.errors import UserError, say, warn
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -89,6 +91,10 @@ def build_data(cfg: DataConfig, seed: int, rank: int, world: int, device: torch.
     train_split, eval_split = SPLITS[cfg.name] if cfg.name in SPLITS else ("train", "test")
     train_base = build_dataset(cfg.name, cfg.root, train_split)
     eval_base = build_dataset(cfg.name, cfg.root, eval_split)
+    if cfg.loader in ("auto", "device"):
+        bundle = _device_data(cfg, seed, rank, world, device, train_base, eval_base, train_split, eval_split)
+        if bundle is not None:
+            return bundle
     for split in (train_base, eval_base):
         if hasattr(split, "check"):  # image files: find unreadable ones before the first step
             split.check(rank, world)
@@ -98,15 +104,45 @@ def build_data(cfg: DataConfig, seed: int, rank: int, world: int, device: torch.
         train_base, build_transform(cfg.name, cfg.augment, cfg.image_size, train=True), seed, cfg.augment_views)
     evaluation = SeededTransformDataset(
         eval_base, build_transform(cfg.name, cfg.augment, cfg.image_size, train=False), seed)
-    if len(train) < cfg.batch_size * world:
-        raise UserError(f"data.batch_size: {cfg.batch_size} x {world} processes exceeds the "
-                        f"{len(train)} training images")
+    _check_batch(cfg, len(train), world)
     return DataBundle(
         train=TorchTrainSource(train, cfg.name, cfg.batch_size, seed, rank, world, cfg.num_workers, device),
         eval=TorchEvalSource(evaluation, cfg.name, cfg.eval_batch_size, rank, world, cfg.num_workers, device),
         num_classes=num_classes_of(train_base),
         train_size=len(train),
     )
+
+
+def _check_batch(cfg: DataConfig, train_size: int, world: int) -> None:
+    if train_size < cfg.batch_size * world:
+        raise UserError(f"data.batch_size: {cfg.batch_size} x {world} processes exceeds the "
+                        f"{train_size} training images")
+
+
+def _device_data(cfg: DataConfig, seed: int, rank: int, world: int, device: torch.device, train_base: Any,
+                 eval_base: Any, train_split: str, eval_split: str) -> DataBundle | None:
+    """The device-resident path, or None (``auto``, when the splits do not fit: the torch path)."""
+    from nt_dist.data import device_loader
+
+    entries = device_loader.entries(cfg, train_base, eval_base, train_split, eval_split)
+    need = sum(entry.nbytes for entry in entries)
+    free = device_loader.free_bytes(device)
+    share = device_loader.AUTO_SHARE if cfg.loader == "auto" else device_loader.DEVICE_SHARE
+    if need > share * free:
+        problem = (f"{cfg.name} decoded at {cfg.image_size} px takes {need / 2**30:.2f} GiB "
+                   f"({entries[0].count:,} + {entries[1].count:,} images), more than {share:.0%} of the "
+                   f"{free / 2**30:.2f} GiB free on {device}")
+        if cfg.loader == "device":
+            raise UserError(f"data.loader: device: {problem}; use data.loader: torch (reads the files as it "
+                            "goes, any size) or ffcv (write the .beton files first: nt-dist data write-ffcv)")
+        if rank == 0:
+            say(f"nt-dist: note: data.loader: auto: {problem}; using the torch loader")
+        return None
+    train_size = min(cfg.train_subset, len(train_base)) if cfg.train_subset else len(train_base)
+    _check_batch(cfg, train_size, world)
+    train, evaluation = device_loader.build_device_data(cfg, seed, rank, world, device, train_base, eval_base,
+                                                        *entries)
+    return DataBundle(train=train, eval=evaluation, num_classes=num_classes_of(train_base), train_size=train_size)
 
 
 class _Subset:

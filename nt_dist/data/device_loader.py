@@ -1,0 +1,155 @@
+"""The device-resident input path (``data.loader: device``, and ``auto`` where it fits).
+
+Each split is decoded once into a uint8 array (:mod:`nt_dist.data.array_cache`), held whole on
+the training device (GPU memory; on a CPU, a memory map shared by the processes of a machine),
+and every batch is gathered, augmented (:mod:`nt_dist.data.device_aug`) and normalised there.
+No worker processes, no host-to-device copy per step.
+
+What the torch loader guarantees, this one keeps: the global batch of step *s* is the same
+samples whatever the process count (the same permutation and slicing,
+:func:`~nt_dist.data.torch_loader.train_batches`); each sample's augmentation is a function of
+(seed, epoch, index) (epoch mod ``augment_views`` with fixed views); ranks read disjoint
+shards; evaluation images are the torch loader's, pixel for pixel (the same transform, run
+once). Training pixels differ from the torch loader's (another RNG, batch-wise warps), with the
+same distribution of shifts, angles, crops and flips.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torchvision.transforms.v2 as T
+from torch import Tensor
+
+from nt_dist.data import array_cache
+from nt_dist.data.device_aug import augment
+from nt_dist.data.torch_loader import epoch_permutation, eval_shard
+from nt_dist.data.transforms import Normalise, build_transform
+
+Batch = tuple[Tensor, Tensor]
+AUTO_SHARE = 0.5  # loader: auto picks the device path when the splits take at most this share
+DEVICE_SHARE = 0.9  # loader: device refuses splits larger than this share of free memory
+
+
+@dataclass
+class DeviceTrainSource:
+    images: Tensor  # uint8 [N, 3, S, S], whole training split (train_subset: the first N)
+    labels: Tensor  # int64 [N] on the device
+    dataset_name: str
+    augment: str
+    batch_size: int
+    seed: int
+    rank: int
+    world: int
+    views: int
+    device: torch.device
+    normalise: Normalise = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.normalise = Normalise(self.dataset_name, self.device)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.labels) // (self.batch_size * self.world)
+
+    def _order(self, epoch: int) -> Tensor:
+        return epoch_permutation(len(self.labels), self.seed, epoch)
+
+    def _slice(self, order: Tensor, step: int) -> Tensor:
+        start = step * self.batch_size * self.world + self.rank * self.batch_size
+        return order[start:start + self.batch_size]
+
+    def batch_indices(self, epoch: int, start_step: int = 0) -> list[list[int]]:
+        order = self._order(epoch)
+        return [self._slice(order, s).tolist() for s in range(start_step, self.steps_per_epoch)]
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        order = self._order(epoch).to(self.device)
+        view = epoch % self.views if self.views else epoch
+        for step in range(start_step, self.steps_per_epoch):
+            index = self._slice(order, step)
+            images = augment(_gather(self.images, index), self.augment, self.seed, view, index)
+            yield self.normalise(images), self.labels[index]
+
+
+@dataclass
+class DeviceEvalSource:
+    images: Tensor
+    labels: Tensor
+    dataset_name: str
+    batch_size: int
+    rank: int
+    world: int
+    device: torch.device
+    normalise: Normalise = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.normalise = Normalise(self.dataset_name, self.device)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self) -> Iterator[Batch]:
+        shard = torch.tensor(eval_shard(len(self.labels), self.rank, self.world), device=self.device)
+        for start in range(0, len(shard), self.batch_size):
+            index = shard[start:start + self.batch_size]
+            yield self.normalise(_gather(self.images, index)), self.labels[index]
+
+
+def _gather(images: Tensor, index: Tensor) -> Tensor:
+    if images.device != index.device:  # memory-mapped on the host, training on another device
+        return images[index.cpu()].to(index.device, non_blocking=True)
+    return images.index_select(0, index)
+
+
+# ------------------------------------------------------------------------------- building
+
+
+def train_transform(image_size: int) -> T.Compose:
+    """What the training split is cached as: the whole image at ``image_size`` (augmentation is
+    applied later, batch-wise; ``rrc_flip`` crops from this image, not from the original)."""
+    return T.Compose([T.ToImage(), T.Resize((image_size, image_size), antialias=True)])
+
+
+def entries(cfg, train_base, eval_base, train_split: str, eval_split: str) -> tuple[array_cache.Entry, ...]:
+    """The cache entries of both splits (not yet written)."""
+    eval_protocol = "eval-rrc" if cfg.augment == "rrc_flip" else "eval-resize"
+    return (array_cache.entry_for(train_base, cfg.name, cfg.root, train_split, cfg.image_size, "train-resize",
+                                  cfg.cache_dir),
+            array_cache.entry_for(eval_base, cfg.name, cfg.root, eval_split, cfg.image_size, eval_protocol,
+                                  cfg.cache_dir))
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory the splits may take: free GPU memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def build_device_data(cfg, seed: int, rank: int, world: int, device: torch.device, train_base, eval_base,
+                      train_entry: array_cache.Entry, eval_entry: array_cache.Entry):
+    """Decode (once) and load both splits; the sources of :class:`~nt_dist.data.DataBundle`."""
+    what = f"{cfg.name}"
+    array_cache.ensure(train_entry, train_base, train_transform(cfg.image_size), cfg.num_workers,
+                       f"{what} training split")
+    array_cache.ensure(eval_entry, eval_base, build_transform(cfg.name, cfg.augment, cfg.image_size, train=False),
+                       cfg.num_workers, f"{what} evaluation split")
+    train_images, train_labels = array_cache.load(train_entry, device)
+    if cfg.train_subset:
+        train_images, train_labels = train_images[:cfg.train_subset], train_labels[:cfg.train_subset]
+    eval_images, eval_labels = array_cache.load(eval_entry, device)
+    train = DeviceTrainSource(train_images, train_labels, cfg.name, cfg.augment, cfg.batch_size, seed, rank, world,
+                              cfg.augment_views, device)
+    evaluation = DeviceEvalSource(eval_images, eval_labels, cfg.name, cfg.eval_batch_size, rank, world, device)
+    return train, evaluation
