@@ -226,6 +226,16 @@ def input_dtype(accelerator: Any) -> torch.dtype | None:
     return None
 
 
+def under_deepspeed(accelerator: Any) -> bool:
+    """The model goes to a DeepSpeed engine. Its parameters then stay contiguous (NCHW) under
+    ``model.channels_last``: the engine's _broadcast_model views each parameter as bytes, which
+    fails on channels-last weights ("self.stride(-1) must be 1 to view BFloat16 as Byte"), and
+    ZeRO-1/2 re-point parameters into a flat NCHW buffer anyway. Inputs stay channels-last
+    (_prepare_inputs): cuDNN and oneDNN pick the NHWC kernel when the input or the weight is
+    channels-last, so activations stay NHWC."""
+    return getattr(accelerator.state, "deepspeed_plugin", None) is not None
+
+
 def setup(recipe: Recipe, source: str) -> Run:
     """Everything before the first step: processes, the run folder, data, model, optimizer,
     resume, tracking."""
@@ -253,7 +263,7 @@ def _build(accelerator: Any, recipe: Recipe, source: str, lock: rundir.RunLock |
     model = make_model(recipe.model.name, num_classes, f"{source}: model.name")
     if recipe.model.sync_bn and accelerator.num_processes > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if recipe.model.channels_last:
+    if recipe.model.channels_last and not under_deepspeed(accelerator):
         model = model.to(memory_format=torch.channels_last)
     dtype = input_dtype(accelerator)
     step_fn, lineage, frozen = build_frozen(recipe, num_classes, accelerator, data.train_size, dtype)

@@ -65,6 +65,48 @@ def test_deepspeed_zero2_and_zero3_train_a_nasty_teacher_in_bf16(tmp_path: Path)
     assert "train_kl" in events[-1] and events[-1]["train_kl"] > 0
 
 
+FLAGSHIP = "tinyimagenet_nasty.yaml"
+
+
+def tiny_flagship_inputs(root: Path) -> tuple[Path, Path]:
+    """A 2-class Tiny-ImageNet layout (16 px JPEGs) and an untrained cifar_resnet18 adversary
+    exported the way a teacher run exports it: all the flagship recipe needs besides size."""
+    import numpy as np
+    from conftest_data import write_tinyimagenet
+
+    from nt_dist.checkpoint import export_model
+    from nt_dist.models import create_model
+
+    wnids, rng = ["n01443537", "n01629819"], np.random.default_rng(0)
+    write_tinyimagenet(root / "tiny", wnids, {w: rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8) for w in wnids},
+                       [(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), wnids[i % 2]) for i in range(4)])
+    adversary = root / "adversary"
+    export_model(create_model("cifar_resnet18", num_classes=2).state_dict(), adversary / "model.safetensors",
+                 {"architecture": "cifar_resnet18", "num_classes": "2"})
+    return root / "tiny", adversary
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_every_zero_stage_runs_the_flagship_recipe_channels_last(tmp_path: Path, stage: int):
+    """recipes/tinyimagenet_nasty.yaml as written (bf16, model.channels_last: true, ResNet-18,
+    rotate_flip) under each cluster/deepspeed_zero*.yaml on 2 processes; only sizes, epochs, the
+    milestone, the data root and the adversary are overridden (~20 s per stage on 2 cores).
+    Channels-last parameters crashed DeepSpeed's _broadcast_model (`p.data.view(torch.uint8)`:
+    "self.stride(-1) must be 1 to view BFloat16 as Byte"; fp32 alike, "Float as Byte")."""
+    data_root, adversary = tiny_flagship_inputs(tmp_path)
+    recipe = yaml.safe_load((REPO / "recipes" / FLAGSHIP).read_text())
+    assert recipe["model"]["channels_last"] is True and recipe["run"]["precision"] == "bf16"
+    out = tmp_path / "nasty"
+    launch_deepspeed(stage, FLAGSHIP, [
+        f"run.output_dir={out}", "run.epochs=1", "run.progress=false", "tracking.enabled=false",
+        f"data.root={data_root}", "data.image_size=16", "data.batch_size=4", "data.eval_batch_size=4",
+        "data.num_workers=0", "optim.milestones=[1]", f"nasty.adversary_checkpoint={adversary}"])
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["global_step"] == 16 // (4 * 2)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "train_kl" in events[-1] and events[-1]["train_kl"] > 0
+
+
 def fake_slurm(bin_dir: Path, log: Path) -> None:
     """srun runs its command here (dropping its options); scontrol records requeues."""
     bin_dir.mkdir()
