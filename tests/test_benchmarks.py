@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 from conftest import REPO
 
@@ -24,3 +27,34 @@ def test_train_throughput_prints_table_and_ratio_line(tmp_path):
     runs = MlflowClient().search_runs([experiment.experiment_id], "tags.benchmark = 'train_throughput'")
     assert runs and {"ratio.nasty_naive", "ratio.nasty_bf16_adversary"} <= set(runs[0].data.metrics)
     assert any(line.startswith("nasty/normal step time, bf16 adversary forward every step: ") for line in lines)
+
+
+def test_loader_throughput_times_the_device_loader(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "loader_throughput.py"), "--images", "512",
+                           "--size", "16", "--batch", "64", "--workers", "1", "--augment", "rotate_flip", "--quick",
+                           "--no-mlflow"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert any(line.startswith("| device | ") for line in lines) and any(line.startswith("| torch | ") for line in lines)
+    assert lines[-1].startswith("speedup device/torch: ") and float(lines[-1].split(": ")[1].rstrip("x")) > 0
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_step_with_tiny_sizes(tmp_path):
+    """benchmarks/gpu_check.sh on this CPU (GPU_CHECK_TINY=1): every step runs and the summary
+    names each; the figures themselves mean nothing here."""
+    out = tmp_path / "gpu_check"
+    env = {**os.environ, "GPU_CHECK_TINY": "1", "GPU_CHECK_OUT": str(out), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                          timeout=1800, cwd=tmp_path, env=env)
+    summary = (out / "summary.md").read_text()
+    assert proc.returncode == 0, summary + proc.stderr[-2000:]
+    assert proc.stdout.strip() == summary.strip()
+    for step in ("data", "step32", "step64", "e2e_b8", "e2e_b16", "zero2", "compile", "quickstart"):
+        assert f"| {step} | " in summary and f"### {step}: " in summary, step
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and " | ok | " in line]
+    assert len(rows) == 8, summary
+    assert summary.count("end-to-end/step-only (device loader): ") == 4
+    for loader, role in (("device", "teacher"), ("device", "nasty"), ("torch", "teacher"), ("torch", "nasty")):
+        assert f"| {loader} | {role} | " in summary
+    assert (out / "quickstart" / "results.json").is_file()

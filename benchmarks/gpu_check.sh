@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# One GPU, no network, under 8 minutes: everything issue 10 asks a GPU to show, in one Markdown summary.
+#
+#   bash benchmarks/gpu_check.sh                 # on a machine with one GPU
+#   GPU_CHECK_TINY=1 bash benchmarks/gpu_check.sh   # CPU-sized smoke run (what the test suite runs)
+#
+# Steps: which packages are missing; a synthetic Tiny-ImageNet-layout folder (12,800 random 64 px
+# JPEGs, 200 classes); the step benchmark at 32 px (batch 128) and 64 px (batch 256, channels-last);
+# the flagship recipe (recipes/tinyimagenet_nasty.yaml) end to end as teacher and nasty with each
+# loader (device, torch, ffcv where installed and the augmentation allows), at batch 128 and 256;
+# the same under DeepSpeed ZeRO-2 and with model.compile; the quickstart. Each step's output is
+# in $GPU_CHECK_OUT/<step>.log; the summary is printed and written to $GPU_CHECK_OUT/summary.md.
+# Runs with tracking.enabled=false (and benchmarks with --no-mlflow) when MLflow is missing.
+# Environment: PYTHON (default python3), GPU_CHECK_OUT (default a new /tmp folder), GPU_CHECK_TINY.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${GPU_CHECK_OUT:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+TINY=${GPU_CHECK_TINY:-0}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export NT_DIST_CACHE="$OUT/array-cache"
+export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$OUT/mlflow.db}
+SUMMARY="$OUT/summary.md"
+STATUS="$OUT/status.md"
+: > "$STATUS"
+: > "$OUT/details.md"
+started=$(date +%s)
+
+# ---------------------------------------------------------------- 1. packages
+"$PY" - > "$OUT/packages.txt" <<'EOF'
+import importlib.util
+required = ["torch", "torchvision", "timm", "accelerate", "pydantic", "yaml", "safetensors", "sklearn", "PIL",
+            "numpy", "tqdm"]
+optional = {"mlflow": "tracking (runs use tracking.enabled=false)", "deepspeed": "the ZeRO-2 step",
+            "hjson": "the ZeRO-2 step (DeepSpeed needs it)", "ffcv": "the ffcv loader rows"}
+missing = [m for m in required if importlib.util.find_spec(m) is None]
+print("required_missing=" + ",".join(missing))
+print("optional_missing=" + ",".join(m for m in optional if importlib.util.find_spec(m) is None))
+for m in optional:
+    if importlib.util.find_spec(m) is None:
+        print(f"note=without {m}: no {optional[m]}")
+EOF
+required_missing=$(sed -n 's/^required_missing=//p' "$OUT/packages.txt")
+optional_missing=$(sed -n 's/^optional_missing=//p' "$OUT/packages.txt")
+if [ -n "$required_missing" ]; then
+  echo "gpu_check: missing required Python packages: ${required_missing//,/, } (pip install them, or bring wheels built on a machine with a network: see ../shared/PLATFORM.md)" >&2
+  exit 2
+fi
+TRACK=()
+BENCH=()
+case ",$optional_missing," in *,mlflow,*) TRACK=(--set tracking.enabled=false); BENCH=(--no-mlflow) ;; esac
+DEEPSPEED=1
+case ",$optional_missing," in *,deepspeed,*|*,hjson,*) DEEPSPEED=0 ;; esac
+
+if [ "$TINY" = 1 ]; then
+  SIZE=16; IMAGES=200; CLASSES=5; EPOCHS=2
+  STEP32=(--model cifar_cnn --batch 8 --rounds 1 --steps 1)
+  STEP64=(--model cifar_cnn --batch 8 --rounds 1 --steps 1 --image-size 16 --channels-last)
+  E2E=(--quick --images "$IMAGES" --classes "$CLASSES" --size "$SIZE" --epochs "$EPOCHS" --workers 1)
+  B1=8; B2=16; PREC=no; DSPREC=bf16
+  QUICK=(--set run.epochs=1 --set data.train_subset=128)
+else
+  SIZE=64; IMAGES=12800; CLASSES=200; EPOCHS=3
+  STEP32=(--model cifar_resnet18 --batch 128 --precision bf16)
+  STEP64=(--model cifar_resnet18 --batch 256 --precision bf16 --image-size 64 --channels-last)
+  E2E=(--images "$IMAGES" --classes "$CLASSES" --size "$SIZE" --epochs "$EPOCHS")
+  B1=128; B2=256; PREC=bf16; DSPREC=bf16
+  QUICK=()
+fi
+DATA="$OUT/tiny-imagenet-200"
+
+# step NAME DESCRIPTION COMMAND...: run, time, keep the log, put its table and last line in the summary
+step() {
+  local name=$1 what=$2; shift 2
+  local t0=$(date +%s)
+  echo "gpu_check: $name: $what" >&2
+  "$@" > "$OUT/$name.log" 2>&1
+  local rc=$? t=$(( $(date +%s) - t0 ))
+  local result=ok
+  [ $rc -ne 0 ] && result="FAILED (exit $rc; see $name.log)"
+  echo "| $name | $what | $result | $t |" >> "$STATUS"
+  {
+    echo "### $name: $what"
+    echo
+    grep -E '^(\||#|end-to-end|nasty/normal|nasty teacher|skipped|results)' "$OUT/$name.log" | grep -v '^| *$' | tail -40
+    [ $rc -ne 0 ] && { echo; echo '```'; tail -5 "$OUT/$name.log"; echo '```'; }
+    echo
+  } >> "$OUT/details.md"
+}
+
+step data "synthetic Tiny-ImageNet layout, $IMAGES images, $CLASSES classes, $SIZE px" \
+  "$PY" -c "from pathlib import Path; import sys; sys.path.insert(0, 'benchmarks'); from e2e_throughput import write_synthetic; write_synthetic(Path('$DATA'), $IMAGES, $CLASSES, $SIZE); print('written: $DATA')"
+step step32 "step benchmark, 32 px" "$PY" benchmarks/train_throughput.py "${STEP32[@]}" "${BENCH[@]}"
+step step64 "step benchmark, 64 px, channels-last" "$PY" benchmarks/train_throughput.py "${STEP64[@]}" "${BENCH[@]}"
+step e2e_b$B1 "flagship end to end, teacher + nasty, each loader, batch $B1" \
+  "$PY" benchmarks/e2e_throughput.py "${E2E[@]}" --root "$DATA" --batch $B1 --precision $PREC "${BENCH[@]}" --json "$OUT/e2e_b$B1.json"
+step e2e_b$B2 "flagship end to end, teacher, device loader, batch $B2" \
+  "$PY" benchmarks/e2e_throughput.py "${E2E[@]}" --root "$DATA" --batch $B2 --precision $PREC --loaders device --roles teacher "${BENCH[@]}"
+if [ $DEEPSPEED = 1 ]; then
+  step zero2 "flagship under DeepSpeed ZeRO-2 (cluster/deepspeed_zero2.yaml, 1 process), device loader" \
+    "$PY" benchmarks/e2e_throughput.py "${E2E[@]}" --root "$DATA" --batch $B1 --precision $DSPREC --loaders device --launcher cluster/deepspeed_zero2.yaml --label zero2 "${BENCH[@]}"
+else
+  echo "| zero2 | DeepSpeed ZeRO-2 | skipped: deepspeed or hjson not installed | 0 |" >> "$STATUS"
+fi
+step compile "flagship with model.compile=true, device loader" \
+  "$PY" benchmarks/e2e_throughput.py "${E2E[@]}" --root "$DATA" --batch $B1 --precision $PREC --loaders device --set model.compile=true --label compile "${BENCH[@]}"
+step quickstart "nt-dist quickstart (digits, five runs)" \
+  "$PY" -m nt_dist.cli quickstart --out "$OUT/quickstart" --fresh "${TRACK[@]}" "${QUICK[@]}"
+
+device=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU (CPU)')")
+versions=$("$PY" -c "import torch, timm, accelerate; print(f'torch {torch.__version__}, timm {timm.__version__}, accelerate {accelerate.__version__}')")
+{
+  echo "# gpu_check $(date -u +%Y-%m-%d): $device"
+  echo
+  echo "$versions; missing optional packages: ${optional_missing:-none}; $(( $(date +%s) - started )) s in all; logs in $OUT"
+  echo
+  echo "| step | what | result | seconds |"
+  echo "|---|---|---|---:|"
+  cat "$STATUS"
+  echo
+  cat "$OUT/details.md"
+} > "$SUMMARY"
+cat "$SUMMARY"
+grep -q FAILED "$STATUS" && exit 1
+exit 0
