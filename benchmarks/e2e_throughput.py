@@ -10,7 +10,8 @@ on the device, in this process ("step-only"), and prints a table and, as its las
 
     end-to-end/step-only (device loader): X.XX
 
-(teacher role; 1.00 means the input path costs nothing). Without ``--root`` it writes a
+(teacher role; 1.00 means the input path costs nothing). The step-only figure is always the plain
+step (no DeepSpeed engine): under ``--launcher`` the ratio also shows what the launcher costs. Without ``--root`` it writes a
 synthetic folder first (random 64 px JPEGs; the pixels do not matter for speed). Logs to MLflow
 (experiment ``benchmarks``) unless ``--no-mlflow`` or MLflow is not installed.
 
@@ -127,17 +128,28 @@ def run_training(args: argparse.Namespace, root: Path, out: Path, loader: str, r
         command = [sys.executable, "-m", "nt_dist.train"]
     command += [str(RECIPE)] + [item for s in sets for item in ("--set", s)]
     started = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=out.parent,
+    # cwd: the repository (cluster/*.yaml name their DeepSpeed JSON relative to it); every path is absolute
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
     wall = time.perf_counter() - started
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {"error": f"exit {proc.returncode}: {last}", "wall_s": wall}
+        return {"error": f"exit {proc.returncode}: {_cause(proc.stderr)}", "wall_s": wall}
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rates = [e["images_per_s"] for e in epochs if "images_per_s" in e]
     timed = rates[1:] if len(rates) > 1 else rates
     return {"images_per_s": statistics.median(timed), "epochs_timed": len(timed), "wall_s": wall,
             "test_top1": epochs[-1].get("test_top1", float("nan"))}
+
+
+def _cause(stderr: str) -> str:
+    """The line that says why a run failed: ours (``nt-dist: ...``), else the last exception line
+    (accelerate launch ends with its own banner)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for marks in (("nt-dist: ",), ("Error:", "Error ", "Exception:")):
+        found = [line for line in lines if any(mark in line for mark in marks) and "ChildFailedError" not in line]
+        if found:
+            return found[-1][:300]
+    return lines[-1][:300] if lines else "(no output)"
 
 
 def step_only(args: argparse.Namespace, roles: list[str]) -> dict[str, float]:
@@ -217,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         for loader in loaders:
             teacher = None
             for role in args.roles:
+                if role == "nasty" and teacher is None and "teacher" in args.roles:
+                    break  # the teacher row above says why
                 if role == "nasty" and teacher is None:
                     teacher_out = base / f"{loader}_teacher_for_nasty"
                     result = run_training(args, root, teacher_out, loader, "teacher", None, ffcv_dir)

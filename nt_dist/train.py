@@ -240,6 +240,8 @@ def setup(recipe: Recipe, source: str) -> Run:
     """Everything before the first step: processes, the run folder, data, model, optimizer,
     resume, tracking."""
     accelerator = build_accelerator(recipe, source)
+    if accelerator.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv kernels once
     lock = claim_folder(accelerator, recipe, source)
     try:
         return _build(accelerator, recipe, source, lock)
@@ -404,8 +406,8 @@ def _check_finite(acc: Any, window: list[tuple[int, dict[str, Tensor]]], epoch: 
 
 
 def _batch_indices(run: Run, epoch: int, start_step: int) -> Iterator[list[int]] | None:
-    """Sample indices of each batch, read only by the frozen-logit cache (torch loader only;
-    the recipe check refuses the cache with ffcv)."""
+    """Sample indices of each batch, read only by the frozen-logit cache (device and torch
+    loaders; the recipe check refuses the cache with ffcv)."""
     if run.frozen is None or run.frozen.cache is None:
         return None
     return iter(run.data.train.batch_indices(epoch, start_step))

@@ -350,3 +350,18 @@ def test_an_unreadable_image_is_named_when_decoding(tiny: Path):
     with pytest.raises(UserError) as info:
         build_data(_cfg(name="tinyimagenet", root=str(tiny), num_workers=1), 0, 0, 1, CPU)
     assert_one_line_error(info.value, str(broken), "unreadable image")
+
+
+def test_the_torch_loader_seeds_only_the_cpu_generator(monkeypatch: pytest.MonkeyPatch):
+    """torch.manual_seed per sample also reseeded every CUDA device: a driver call per sample
+    on a GPU machine, and the training process's CUDA RNG clobbered when num_workers is 0."""
+    reference = build_data(_cfg(loader="torch", augment="rotate_flip"), 0, 0, 1, CPU).train
+    expected = next(iter(reference.epoch(0)))[0]
+
+    def refuse(seed: int) -> None:
+        raise AssertionError("a CUDA generator was reseeded")
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", refuse)
+    monkeypatch.setattr(torch.cuda, "manual_seed", refuse)
+    source = build_data(_cfg(loader="torch", augment="rotate_flip"), 0, 0, 1, CPU).train
+    assert torch.equal(next(iter(source.epoch(0)))[0], expected)

@@ -138,7 +138,7 @@ def load(entry: Entry, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
     out = torch.empty(images.shape, dtype=torch.uint8, device=device)
     chunk = max(1, (256 << 20) // max(1, images[0].nbytes))  # 256 MiB per copy
     for start in range(0, len(images), chunk):
-        out[start:start + chunk].copy_(torch.from_numpy(np.ascontiguousarray(images[start:start + chunk])))
+        out[start:start + chunk].copy_(torch.from_numpy(np.array(images[start:start + chunk])))  # a writable copy
     return out, labels
 
 

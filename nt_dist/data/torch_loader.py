@@ -38,7 +38,10 @@ class SeededTransformDataset:
             epoch %= self.views
         image, label = self.base[index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            # the CPU generator only: torch.manual_seed would also reseed every CUDA device (a
+            # driver call per sample, and the training process's CUDA RNG clobbered when
+            # num_workers is 0); transforms draw from the CPU generator
+            torch.random.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
             return self.transform(image), int(label)
 
 
