@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         _write_layout(root, n_images, args.size)
         if "ffcv" in loaders:
-            
+            from nt_dist.data.ffcv_io import write_ffcv
+
             write_ffcv("tinyimagenet", str(root), str(ffcv_dir), jpeg_quality=90, workers=args.workers)
         os.environ.setdefault("NT_DIST_CACHE", str(Path(tmp) / "cache"))
         prepare_s = time.perf_counter() - started

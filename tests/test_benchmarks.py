@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 
@@ -29,13 +29,18 @@ def test_train_throughput_prints_table_and_ratio_line(tmp_path):
     assert any(line.startswith("nasty/normal step time, bf16 adversary forward every step: ") for line in lines)
 
 
-def test_loader_throughput_times_the_device_loader(tmp_path):
+@pytest.mark.parametrize("augment", ["rotate_flip", "rrc_flip"])
+def test_loader_throughput_times_each_loader(tmp_path, augment):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "loader_throughput.py"), "--images", "512",
-                           "--size", "16", "--batch", "64", "--workers", "1", "--augment", "rotate_flip", "--quick",
+                           "--size", "16", "--batch", "64", "--workers", "1", "--augment", augment, "--quick",
                            "--no-mlflow"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
-    assert any(line.startswith("| device | ") for line in lines) and any(line.startswith("| torch | ") for line in lines)
+    loaders = ["device", "torch"]
+    if augment != "rotate_flip" and importlib.util.find_spec("ffcv") is not None:  # ffcv has no rotation
+        loaders.append("ffcv")
+    rows = [line.split(" | ")[0].strip("| ") for line in lines if line.startswith("| ") and "---" not in line]
+    assert rows == ["loader", *loaders], lines
     assert lines[-1].startswith("speedup device/torch: ") and float(lines[-1].split(": ")[1].rstrip("x")) > 0
 
 

@@ -247,10 +247,10 @@ def test_the_same_run_sees_the_same_images_and_resumes_mid_epoch():
     cfg = _cfg(augment="rotate_flip")
     first, second = (build_data(cfg, 1, 0, 1, CPU).train for _ in range(2))
     full = _epoch(first, 4)
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full, _epoch(second, 4)))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full, _epoch(second, 4), strict=True))
     tail = _epoch(second, 4, start=5)
     assert len(tail) == len(full) - 5
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[5:], tail))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[5:], tail, strict=True))
 
 
 def test_fixed_views_repeat_every_k_epochs():
