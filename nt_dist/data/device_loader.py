@@ -19,11 +19,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torchvision.transforms.v2 as T
 from torch import Tensor
 
+from nt_dist.config import DataConfig
 from nt_dist.data import array_cache
 from nt_dist.data.device_aug import augment
 from nt_dist.data.torch_loader import epoch_permutation, eval_shard
@@ -114,7 +116,8 @@ def train_transform(image_size: int) -> T.Compose:
     return T.Compose([T.ToImage(), T.Resize((image_size, image_size), antialias=True)])
 
 
-def entries(cfg, train_base, eval_base, train_split: str, eval_split: str) -> tuple[array_cache.Entry, ...]:
+def entries(cfg: DataConfig, train_base: Any, eval_base: Any, train_split: str,
+            eval_split: str) -> tuple[array_cache.Entry, array_cache.Entry]:
     """The cache entries of both splits (not yet written)."""
     eval_protocol = "eval-rrc" if cfg.augment == "rrc_flip" else "eval-resize"
     return (array_cache.entry_for(train_base, cfg.name, cfg.root, train_split, cfg.image_size, "train-resize",
@@ -137,14 +140,14 @@ def free_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def build_device_data(cfg, seed: int, rank: int, world: int, device: torch.device, train_base, eval_base,
-                      train_entry: array_cache.Entry, eval_entry: array_cache.Entry):
+def build_device_data(cfg: DataConfig, seed: int, rank: int, world: int, device: torch.device, train_base: Any,
+                      eval_base: Any, train_entry: array_cache.Entry,
+                      eval_entry: array_cache.Entry) -> tuple[DeviceTrainSource, DeviceEvalSource]:
     """Decode (once) and load both splits; the sources of :class:`~nt_dist.data.DataBundle`."""
-    what = f"{cfg.name}"
     array_cache.ensure(train_entry, train_base, train_transform(cfg.image_size), cfg.num_workers,
-                       f"{what} training split")
+                       f"{cfg.name} training split")
     array_cache.ensure(eval_entry, eval_base, build_transform(cfg.name, cfg.augment, cfg.image_size, train=False),
-                       cfg.num_workers, f"{what} evaluation split")
+                       cfg.num_workers, f"{cfg.name} evaluation split")
     train_images, train_labels = array_cache.load(train_entry, device)
     if cfg.train_subset:
         train_images, train_labels = train_images[:cfg.train_subset], train_labels[:cfg.train_subset]
