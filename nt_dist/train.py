@@ -258,6 +258,7 @@ def _build(accelerator: Any, recipe: Recipe, source: str, lock: rundir.RunLock |
     output_dir = Path(recipe.run.output_dir)
     data = on_every_rank(accelerator, lambda: build_data(recipe.data, recipe.run.seed, accelerator.process_index,
                                                          accelerator.num_processes, accelerator.device))
+    set_seed(recipe.run.seed)  # the initialisation depends on the seed alone, not on what building the data drew
     num_classes = recipe.model.num_classes or data.num_classes
     if num_classes != data.num_classes:
         raise UserError(f"{source}: model.num_classes: {num_classes} but {recipe.data.name} has "

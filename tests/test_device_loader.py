@@ -365,3 +365,21 @@ def test_the_torch_loader_seeds_only_the_cpu_generator(monkeypatch: pytest.Monke
     monkeypatch.setattr(torch.cuda, "manual_seed", refuse)
     source = build_data(_cfg(loader="torch", augment="rotate_flip"), 0, 0, 1, CPU).train
     assert torch.equal(next(iter(source.epoch(0)))[0], expected)
+
+
+def test_a_run_that_decodes_trains_like_a_run_that_reads_the_cache(tmp_path: Path):
+    """Decoding runs a DataLoader; had it drawn from the global RNG, the model's initialisation
+    (and every weight after) would differ between the first run on a machine and the next."""
+    from conftest import REPO, tiny_overrides
+    from safetensors.torch import load_file
+
+    from nt_dist.train import main
+
+    weights = []
+    for run in ("decodes", "reads"):
+        out = tmp_path / run
+        overrides = tiny_overrides(out, "teacher", **{"tracking.enabled": "false", "run.epochs": "1",
+                                                      "data.cache_dir": str(tmp_path / "cache")})
+        assert main([str(REPO / "recipes" / "digits_teacher.yaml"), *[a for o in overrides for a in ("--set", o)]]) == 0
+        weights.append(load_file(str(out / "model.safetensors")))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -184,7 +184,10 @@ def _write(entry: Entry, dataset: Any, transform: Callable[[Any], torch.Tensor],
         shape = (entry.count, 3, entry.size, entry.size)
         images = np.lib.format.open_memmap(temporary / "images.npy", mode="w+", dtype=np.uint8, shape=shape)
         labels = np.empty(entry.count, dtype=np.int64)
-        loader = torch.utils.data.DataLoader(_Decoded(dataset, transform), batch_size=256, num_workers=workers)
+        # its own generator: drawing the workers' base seed from the global RNG would change the
+        # model's initialisation in a run that decodes against one that reads the cache
+        loader = torch.utils.data.DataLoader(_Decoded(dataset, transform), batch_size=256, num_workers=workers,
+                                             generator=torch.Generator().manual_seed(0))
         start = 0
         for batch, targets in loader:
             if batch.shape[1:] != shape[1:]:
