@@ -162,20 +162,19 @@ def step_only(args: argparse.Namespace, roles: list[str]) -> dict[str, float]:
     from nt_dist.models import create_model
     from nt_dist.train import ce_step, nasty_step
 
-    recipe = load_recipe(RECIPE, [f"model.name={args.model}"] if args.model else [])
+    recipe = load_recipe(RECIPE, [*args.overrides, *([f"model.name={args.model}"] if args.model else [])])
     AcceleratorState._reset_state()
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(cpu=not cuda, mixed_precision=args.precision)
     device = accelerator.device
-    channels_last = recipe.model.channels_last and "model.channels_last=false" not in args.overrides
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = torch.channels_last if recipe.model.channels_last else torch.contiguous_format
     torch.manual_seed(0)
     images = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=fmt)
     labels = torch.randint(0, args.classes, (args.batch,), device=device)
     model = create_model(recipe.model.name, args.classes).to(device, memory_format=fmt)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if "model.compile=true" in args.overrides:
+    if recipe.model.compile:
         model = torch.compile(model)
     adversary = create_model(recipe.model.name, args.classes).to(device, memory_format=fmt).eval()
     steps = {"teacher": lambda: ce_step(model, images, labels),

@@ -122,15 +122,15 @@ def _check_batch(cfg: DataConfig, train_size: int, world: int) -> None:
 def _device_data(cfg: DataConfig, seed: int, rank: int, world: int, device: torch.device, train_base: Any,
                  eval_base: Any, train_split: str, eval_split: str) -> DataBundle | None:
     """The device-resident path, or None (``auto``, when the splits do not fit: the torch path)."""
-    from nt_dist.data import device_loader
+    from nt_dist.data import array_cache, device_loader
 
-    entries = device_loader.entries(cfg, train_base, eval_base, train_split, eval_split)
-    need = sum(entry.nbytes for entry in entries)
+    # sizes first: the cache keys digest every source file, work wasted on a split that does not fit
+    need = array_cache.array_bytes(len(train_base) + len(eval_base), cfg.image_size)
     free = device_loader.free_bytes(device)
     share = device_loader.AUTO_SHARE if cfg.loader == "auto" else device_loader.DEVICE_SHARE
     if need > share * free:
         problem = (f"{cfg.name} decoded at {cfg.image_size} px takes {need / 2**30:.2f} GiB "
-                   f"({entries[0].count:,} + {entries[1].count:,} images), more than {share:.0%} of the "
+                   f"({len(train_base):,} + {len(eval_base):,} images), more than {share:.0%} of the "
                    f"{free / 2**30:.2f} GiB free on {device}")
         if cfg.loader == "device":
             raise UserError(f"data.loader: device: {problem}; use data.loader: torch (reads the files as it "
@@ -140,6 +140,7 @@ def _device_data(cfg: DataConfig, seed: int, rank: int, world: int, device: torc
         return None
     train_size = min(cfg.train_subset, len(train_base)) if cfg.train_subset else len(train_base)
     _check_batch(cfg, train_size, world)
+    entries = device_loader.entries(cfg, train_base, eval_base, train_split, eval_split)
     train, evaluation = device_loader.build_device_data(cfg, seed, rank, world, device, train_base, eval_base,
                                                         *entries)
     return DataBundle(train=train, eval=evaluation, num_classes=num_classes_of(train_base), train_size=train_size)

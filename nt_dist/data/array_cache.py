@@ -52,6 +52,11 @@ def cache_root(configured: str = "") -> Path:
     return Path(base) / "nt_dist"
 
 
+def array_bytes(count: int, size: int) -> int:
+    """Bytes of ``count`` decoded RGB images of ``size`` x ``size`` (uint8)."""
+    return count * 3 * size * size
+
+
 @dataclass(frozen=True)
 class Entry:
     """One cached split: where it lives and what it holds."""
@@ -70,7 +75,7 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        return self.count * 3 * self.size * self.size
+        return array_bytes(self.count, self.size)
 
 
 def source_digest(dataset: Any) -> str:

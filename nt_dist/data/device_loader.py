@@ -7,7 +7,7 @@ No worker processes, no host-to-device copy per step.
 
 What the torch loader guarantees, this one keeps: the global batch of step *s* is the same
 samples whatever the process count (the same permutation and slicing,
-:func:`~nt_dist.data.torch_loader.train_batches`); each sample's augmentation is a function of
+:func:`~nt_dist.data.torch_loader.rank_batch`); each sample's augmentation is a function of
 (seed, epoch, index) (epoch mod ``augment_views`` with fixed views); ranks read disjoint
 shards; evaluation images are the torch loader's, pixel for pixel (the same transform, run
 once). Training pixels differ from the torch loader's (another RNG, batch-wise warps), with the
@@ -28,7 +28,7 @@ from torch import Tensor
 from nt_dist.config import DataConfig
 from nt_dist.data import array_cache
 from nt_dist.data.device_aug import augment
-from nt_dist.data.torch_loader import epoch_permutation, eval_shard
+from nt_dist.data.torch_loader import epoch_permutation, eval_shard, rank_batch
 from nt_dist.data.transforms import Normalise, build_transform
 
 Batch = tuple[Tensor, Tensor]
@@ -60,19 +60,16 @@ class DeviceTrainSource:
     def _order(self, epoch: int) -> Tensor:
         return epoch_permutation(len(self.labels), self.seed, epoch)
 
-    def _slice(self, order: Tensor, step: int) -> Tensor:
-        start = step * self.batch_size * self.world + self.rank * self.batch_size
-        return order[start:start + self.batch_size]
-
     def batch_indices(self, epoch: int, start_step: int = 0) -> list[list[int]]:
         order = self._order(epoch)
-        return [self._slice(order, s).tolist() for s in range(start_step, self.steps_per_epoch)]
+        return [rank_batch(order, s, self.batch_size, self.rank, self.world).tolist()
+                for s in range(start_step, self.steps_per_epoch)]
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         order = self._order(epoch).to(self.device)
         view = epoch % self.views if self.views else epoch
         for step in range(start_step, self.steps_per_epoch):
-            index = self._slice(order, step)
+            index = rank_batch(order, step, self.batch_size, self.rank, self.world)
             images = augment(_gather(self.images, index), self.augment, self.seed, view, index)
             yield self.normalise(images), self.labels[index]
 

@@ -51,17 +51,20 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=generator)
 
 
+def rank_batch(order: Sequence[int] | torch.Tensor, step: int, batch_size: int, rank: int, world: int) -> Any:
+    """Rank *r*'s part of global batch *s*: global batch *s* is ``order[s*W*B:(s+1)*W*B]`` and
+    rank *r* takes its *r*-th slice of B (both loaders slice through here)."""
+    start = (step * world + rank) * batch_size
+    return order[start:start + batch_size]
+
+
 def train_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int,
                   start_step: int = 0) -> list[list[tuple[int, int]]]:
-    """This rank's batches of ``epoch``: global batch *s* is ``perm[s*W*B:(s+1)*W*B]`` and rank
-    *r* takes its *r*-th slice of B. The incomplete tail is dropped (equal steps on every rank)."""
+    """This rank's batches of ``epoch`` (:func:`rank_batch` of the epoch's permutation). The
+    incomplete tail is dropped (equal steps on every rank)."""
     order = epoch_permutation(n, seed, epoch).tolist()
-    global_batch = batch_size * world
-    steps = n // global_batch
-    return [
-        [(epoch, i) for i in order[s * global_batch + rank * batch_size:][:batch_size]]
-        for s in range(start_step, steps)
-    ]
+    return [[(epoch, i) for i in rank_batch(order, s, batch_size, rank, world)]
+            for s in range(start_step, n // (batch_size * world))]
 
 
 def eval_shard(n: int, rank: int, world: int) -> list[int]:
