@@ -1,0 +1,272 @@
+"""Figures: the paper's logit-response figure and the report's sweep plots (PNG, Agg, no pyplot).
+
+:func:`plot_logits` draws Fig. 1 of Ma et al. (ICLR 2021, "Undistillable"): for a few
+evaluation images, the temperature softmax ``softmax(logits / tau)`` of a normal teacher next
+to that of a nasty one. The numbers behind the picture come from :func:`responses` (and the
+pure :func:`softmax_responses`), so they can be checked without looking at pixels.
+:func:`sweep_plot` draws accuracy-versus-hyperparameter lines with error bars.
+
+Figures are built on :class:`matplotlib.figure.Figure` with an Agg canvas: no pyplot, no global
+backend switch, nothing left open. Every PNG is written through a temporary file in the same
+folder and renamed into place, so a reader never sees half a picture.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from nt_dist.checkpoint import load_frozen_model, read_model_file, resolve_model_file
+from nt_dist.data import SPLITS, build_dataset, num_classes_of
+from nt_dist.data.transforms import Normalise, build_transform
+from nt_dist.errors import UserError
+from nt_dist.frozen import frozen_logits
+from nt_dist.models import create_model
+from nt_dist.rundir import RECIPE_FILE
+
+__all__ = ["log_x", "plot_logits", "responses", "softmax_responses", "sweep_figure", "sweep_plot"]
+
+Point = tuple[float, float, float]  # (x, mean, std)
+
+LOG_X_RATIO = 50.0  # a sweep whose positive x span this factor or more gets a log x axis
+HIGHLIGHT, PLAIN = "tab:red", "tab:gray"
+
+
+# ============================================================================ numbers
+
+
+def softmax_responses(logits: Tensor, tau: float) -> Tensor:
+    """``softmax(logits / tau)`` over the last dimension, in fp32: the responses a student
+    distilling at temperature ``tau`` sees."""
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise UserError(f"--tau: must be a positive number, got {tau!r}")
+    return torch.softmax(logits.float() / tau, dim=-1)
+
+
+def pick_indices(targets: Sequence[int], count: int, seed: int) -> list[int]:
+    """``count`` sample indices drawn deterministically from ``seed``: one per class while
+    classes remain (classes and their samples both in a seeded random order), then further
+    samples in the same order."""
+    if count < 1:
+        raise UserError(f"--count: must be at least 1, got {count}")
+    order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen: list[int] = []
+    seen: set[int] = set()
+    for index in order:
+        if int(targets[index]) not in seen:
+            seen.add(int(targets[index]))
+            chosen.append(index)
+            if len(chosen) == count:
+                return chosen
+    taken = set(chosen)
+    chosen += [index for index in order if index not in taken][:count - len(chosen)]
+    return chosen
+
+
+def _recorded_data(model_file: Path) -> dict[str, Any]:
+    """The ``data`` section of the run folder's ``resolved_recipe.yaml`` beside ``model_file``,
+    or {} (a bare model file, or an unreadable recipe)."""
+    try:
+        tree = yaml.safe_load((model_file.parent / RECIPE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    data = tree.get("data") if isinstance(tree, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
+def _describe_model(model_file: Path, key: str) -> dict[str, Any]:
+    """What an exported model was trained on: data set, class count, image size, evaluation
+    protocol (None where unknown). The model file's metadata first, then the run's recipe."""
+    _, meta = read_model_file(model_file, key)
+    recipe = _recorded_data(model_file)
+    described: dict[str, Any] = {
+        "dataset": meta.get("dataset") or recipe.get("name"),
+        "num_classes": meta.get("num_classes"),
+        "image_size": meta.get("image_size") or recipe.get("image_size"),
+        # evaluation resizes, except after rrc_flip training (resize to size/0.875, centre crop)
+        "augment": recipe.get("augment"),
+        "root": recipe.get("root") or "",
+    }
+    for field in ("num_classes", "image_size"):
+        value = described[field]
+        if value is not None and not str(value).isdigit():
+            raise UserError(f"{key}: {model_file}: corrupt metadata: {field} is {value!r}, not a count")
+        described[field] = int(value) if value is not None else None
+    return described
+
+
+def _agree(normal: Path, nasty: Path, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """The common description of both teachers; a field known for both that differs is a UserError."""
+    common: dict[str, Any] = {}
+    for field in ("dataset", "num_classes", "image_size"):
+        if a[field] is not None and b[field] is not None and a[field] != b[field]:
+            raise UserError(f"{normal} and {nasty} differ in {field}: {a[field]!r} vs {b[field]!r}; "
+                            "compare teachers trained on the same data")
+        common[field] = a[field] if a[field] is not None else b[field]
+    protocols = {p for p in (_protocol(a["augment"]), _protocol(b["augment"])) if p}
+    if len(protocols) > 1:
+        raise UserError(f"{normal} and {nasty} differ in their evaluation transform (data.augment: "
+                        f"{a['augment']!r} vs {b['augment']!r})")
+    common["augment"] = "rrc_flip" if protocols == {"rrc"} else "none"
+    common["root"] = a["root"] or b["root"]
+    for field, what in (("dataset", "data set"), ("image_size", "image size")):
+        if common[field] is None:
+            raise UserError(f"{normal} and {nasty} record no {what} (metadata {field!r}, no {RECIPE_FILE} "
+                            "beside them); export them with nt-dist")
+    return common
+
+
+def _protocol(augment: Any) -> str | None:
+    return None if augment is None else ("rrc" if augment == "rrc_flip" else "resize")
+
+
+def responses(normal: Path, nasty: Path, *, tau: float = 4.0, count: int = 4, data_root: str = "",
+              split: str = "", seed: int = 0) -> dict[str, Any]:
+    """Both teachers' temperature-softmax responses on ``count`` evaluation images.
+
+    ``normal``/``nasty`` are run folders or ``model.safetensors`` files of exported teachers;
+    they must agree on data set, class count and image size. The data set comes from their
+    metadata; ``data_root`` is needed for any but digits (default: the root recorded in the
+    run folder's recipe). ``split`` "" means the data set's evaluation split. Images go through
+    the training's evaluation transform and normalisation; both networks run in eval mode, in
+    fp32, on the CPU.
+
+    Returns a dict: ``indices`` (into the split), ``labels`` ([N] int64), ``images`` (the
+    normalised [N, 3, H, W] network input), ``pixels`` ([N, H, W, 3] uint8, what is shown),
+    ``normal_logits``/``nasty_logits`` and ``normal_probs``/``nasty_probs`` ([N, classes]),
+    ``class_names``, ``tau``, ``dataset``, ``split``.
+    """
+    files = resolve_model_file(str(normal), "normal"), resolve_model_file(str(nasty), "nasty")
+    common = _agree(normal, nasty, _describe_model(files[0], "normal"), _describe_model(files[1], "nasty"))
+    name = common["dataset"]
+    if name not in SPLITS:
+        raise UserError(f"{files[0]}: unknown data set {name!r} in its metadata; expected one of: {', '.join(SPLITS)}")
+    root = data_root or common["root"]
+    if name != "digits" and not root:
+        raise UserError(f"--data-root: required for the {name} data set of {normal} and {nasty}")
+    split = split or SPLITS[name][1]
+    dataset = build_dataset(name, root, split)
+    classes = num_classes_of(dataset)
+    indices = pick_indices(dataset.targets, count, seed)
+    transform = build_transform(name, common["augment"], common["image_size"], train=False)
+    samples = [dataset[i] for i in indices]
+    pixels = torch.stack([transform(image) for image, _ in samples])  # uint8 [N, 3, H, W]
+    images = Normalise(name, torch.device("cpu"))(pixels)
+    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+    result: dict[str, Any] = {"indices": indices, "labels": labels, "images": images,
+                              "pixels": pixels.permute(0, 2, 3, 1).contiguous(), "class_names": list(dataset.classes),
+                              "tau": float(tau), "dataset": name, "split": split}
+    for role, file in zip(("normal", "nasty"), files, strict=True):
+        network, _ = load_frozen_model("", str(file), classes, role, create_model)
+        logits = frozen_logits(network.cpu().float(), images, "fp32")
+        result[f"{role}_logits"] = logits
+        result[f"{role}_probs"] = softmax_responses(logits, tau)
+    return result
+
+
+# ============================================================================ figures
+
+
+def logits_figure(data: dict[str, Any]) -> Figure:
+    """One row per image: the image, then the normal and the nasty teacher's responses as bars,
+    the true class in red; both bar charts of a row share their y scale."""
+    n, classes = data["normal_probs"].shape
+    tau, names = data["tau"], data["class_names"]
+    bars = min(max(0.25 * classes, 3.0), 7.0)  # inches per bar chart
+    fig = Figure(figsize=(1.8 + 2 * bars, 1.9 * n + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n, 3, squeeze=False, gridspec_kw={"width_ratios": [1.0, 3.0, 3.0]})
+    for row in range(n):
+        label = int(data["labels"][row])
+        shown = names[label] if label < len(names) else str(label)
+        image_ax = axes[row][0]
+        image_ax.imshow(data["pixels"][row].numpy(), interpolation="nearest")
+        image_ax.set_title(f"true: {shown}", fontsize=9)
+        image_ax.set_xticks([])
+        image_ax.set_yticks([])
+        top = max(float(data["normal_probs"][row].max()), float(data["nasty_probs"][row].max()))
+        for col, role in ((1, "normal"), (2, "nasty")):
+            ax = axes[row][col]
+            probs = data[f"{role}_probs"][row].numpy()
+            colours = [HIGHLIGHT if c == label else PLAIN for c in range(classes)]
+            ax.bar(range(classes), probs, color=colours, width=0.8)
+            ax.set_ylim(0, min(1.0, top * 1.15) or 1.0)
+            ax.set_title(f"{role} teacher, softmax(z/τ), τ={tau:g}", fontsize=9)
+            if classes <= 20:
+                ax.set_xticks(range(classes), [names[c] if c < len(names) else str(c) for c in range(classes)],
+                              fontsize=7, rotation=0 if max(len(s) for s in names[:classes]) <= 3 else 60)
+            ax.tick_params(axis="y", labelsize=7)
+            ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{data['dataset']} {data['split']}: normal vs nasty teacher (τ={tau:g})", fontsize=10)
+    return fig
+
+
+def plot_logits(normal: Path, nasty: Path, out: Path, *, tau: float = 4.0, count: int = 4, data_root: str = "",
+                split: str = "", seed: int = 0) -> Path:
+    """Draw the normal and the nasty teacher's ``softmax(logits / tau)`` on ``count`` evaluation
+    images (Fig. 1 of Ma et al.) into the PNG ``out``; see :func:`responses`. Returns ``out``."""
+    data = responses(normal, nasty, tau=tau, count=count, data_root=data_root, split=split, seed=seed)
+    return save_png(logits_figure(data), Path(out))
+
+
+def log_x(xs: Sequence[float]) -> bool:
+    """Whether a sweep over ``xs`` wants a log x axis: all positive and spanning >= 50x."""
+    finite = [x for x in xs if math.isfinite(x)]
+    return bool(finite) and min(finite) > 0 and max(finite) / min(finite) >= LOG_X_RATIO
+
+
+def sweep_figure(*, title: str, xlabel: str, ylabel: str, series: dict[str, list[Point]]) -> Figure:
+    """One line per series through its (x, mean) points, sorted by x, with ±std error bars
+    (a missing or non-finite std draws none); log x axis per :func:`log_x`; legend, grid."""
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xs = [float(x) for points in series.values() for x, _, _ in points]
+    for label, points in series.items():
+        if not points:
+            continue
+        ordered = sorted((float(x), float(m), float(s)) for x, m, s in points)
+        ax.errorbar([p[0] for p in ordered], [p[1] for p in ordered],
+                    yerr=[p[2] if math.isfinite(p[2]) else 0.0 for p in ordered],
+                    marker="o", markersize=4, capsize=3, linewidth=1.5, label=label)
+    if log_x(xs):
+        ax.set_xscale("log")
+    if not xs:
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color=PLAIN)
+    elif any(points for points in series.values()):
+        ax.legend(fontsize=8)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    return fig
+
+
+def sweep_plot(path: Path, *, title: str, xlabel: str, ylabel: str, series: dict[str, list[Point]]) -> Path:
+    """Write :func:`sweep_figure` as the PNG ``path``; returns ``path``."""
+    return save_png(sweep_figure(title=title, xlabel=xlabel, ylabel=ylabel, series=series), Path(path))
+
+
+def save_png(fig: Figure, path: Path, dpi: int = 110) -> Path:
+    """Write ``fig`` as a PNG through a temporary file in the same folder and a rename."""
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; name the PNG file to write")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write the figure ({exc.strerror or exc})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
