@@ -1,6 +1,9 @@
 """``nt-dist``: the command line.
 
-  nt-dist quickstart [--out DIR]            the five-run demo on the embedded digits
+  nt-dist quickstart [--out DIR]            the paper's table in miniature on the embedded digits (3 seeds)
+  nt-dist pipeline FILE.yaml [--seeds ...]  a grid of runs (a paper table) as a dependency graph
+  nt-dist report FILE.yaml | --experiment E the paper-layout tables (mean ± std, the paper beside), plots
+  nt-dist plot-logits NORMAL NASTY          temperature-softmax responses of two teachers, as PNG
   nt-dist train RECIPE [--set k=v ...]      train in this process (multi-process: accelerate launch
                                             -m nt_dist.train RECIPE)
   nt-dist check RECIPE [--set k=v ...]      validate a recipe and print it resolved; trains nothing
@@ -17,6 +20,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -28,10 +32,45 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     quick = sub.add_parser("quickstart", help="train normal/nasty teachers and three students on the embedded digits")
-    quick.add_argument("--out", default="runs/quickstart", help="folder for the five runs and results.json")
+    quick.add_argument("--out", default="runs/quickstart", help="folder for the runs and results.json")
     quick.add_argument("--fresh", action="store_true", help="retrain stages that already finished")
     quick.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override a field in all five recipes (e.g. run.epochs=5)")
+                       help="override a field in every stage's recipe (e.g. run.epochs=5)")
+    quick.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2")
+    quick.add_argument("--parallel", type=int, default=1, metavar="N", help="run N stages at once (subprocesses)")
+
+    pipe = sub.add_parser("pipeline", help="run a pipeline file: teachers, nasty teachers, students, seeds, sweep")
+    pipe.add_argument("file")
+    pipe.add_argument("--seeds", type=int, nargs="+", default=None, help="instead of the file's seeds")
+    pipe.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="override a field in every stage (after the file's own set)")
+    pipe.add_argument("--out", default=None, help="instead of the file's output_dir")
+    pipe.add_argument("--launcher", default=None, help="local, or an accelerate config (instead of the file's)")
+    pipe.add_argument("--parallel", type=int, default=1, metavar="N", help="run N independent stages at once")
+    pipe.add_argument("--submit", choices=["slurm"], default=None, help="hand every stage to sbatch, chained")
+    pipe.add_argument("--sbatch-script", default=None, help="job script (default: cluster/slurm/train.sbatch)")
+    pipe.add_argument("--dry-run", action="store_true", help="print the stages and their commands; run nothing")
+    pipe.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+
+    rep = sub.add_parser("report", help="the paper-layout tables of a pipeline's runs, with plots")
+    rep.add_argument("file", nargs="?", help="pipeline file (its stage folders are read)")
+    rep.add_argument("--experiment", default=None, help="read the runs from this MLflow experiment instead")
+    rep.add_argument("--table", default="", help="with --experiment: the pipeline name (tag `table`)")
+    rep.add_argument("--paper", default=None, help="paper table key to show beside the cells")
+    rep.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    rep.add_argument("--seeds", type=int, nargs="+", default=None)
+    rep.add_argument("--out", default=None, help="folder for report.md, report.csv and the plots")
+    rep.add_argument("--pipeline-out", default=None, help="the pipeline's output_dir, if it ran with --out")
+    rep.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
+
+    logits = sub.add_parser("plot-logits", help="softmax(logits/τ) of a normal and a nasty teacher, as PNG")
+    logits.add_argument("normal", help="run folder (or model.safetensors) of the normal teacher")
+    logits.add_argument("nasty", help="run folder (or model.safetensors) of the nasty teacher")
+    logits.add_argument("--out", default="logits.png")
+    logits.add_argument("--tau", type=float, default=4.0)
+    logits.add_argument("--count", type=int, default=4, help="images")
+    logits.add_argument("--seed", type=int, default=0, help="which images")
+    logits.add_argument("--data-root", default="", help="data.root of the teachers' data set (not for digits)")
 
     for name, text in (("train", "train what a recipe describes, in this process"),
                        ("check", "validate a recipe and print it resolved (trains nothing)")):
@@ -55,7 +94,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "quickstart":
             from nt_dist.quickstart import run_quickstart
 
-            run_quickstart(Path(args.out), args.overrides, fresh=args.fresh)
+            run_quickstart(Path(args.out), args.overrides, fresh=args.fresh, seeds=args.seeds,
+                           parallel=args.parallel)
+        elif args.command == "pipeline":
+            return pipeline_command(args)
+        elif args.command == "report":
+            return report_command(args)
+        elif args.command == "plot-logits":
+            from nt_dist.plots import plot_logits
+
+            path = plot_logits(Path(args.normal), Path(args.nasty), Path(args.out), tau=args.tau, count=args.count,
+                               data_root=args.data_root, seed=args.seed)
+            print(path)
         elif args.command == "train":
             from nt_dist.train import main as train_main
 
@@ -94,6 +144,73 @@ def check(path: str, overrides: list[str]) -> int:
     validate(recipe, path)
     print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
     say(f"# {path}: valid")
+    return 0
+
+
+def pipeline_command(args: argparse.Namespace) -> int:
+    from nt_dist import pipeline
+
+    if args.parallel < 1:
+        raise UserError(f"--parallel: {args.parallel}: expected 1 or more")
+    spec = pipeline.load_pipeline(args.file)
+    stages = pipeline.expand(spec, seeds=args.seeds, extra=args.overrides, output_dir=args.out)
+    launcher = args.launcher or spec.spec.launcher
+    if args.dry_run:
+        print(pipeline.describe_plan(stages, launcher))
+        return 0
+    if args.submit == "slurm":
+        script = Path(args.sbatch_script) if args.sbatch_script else None
+        jobs = pipeline.submit_slurm(spec, stages, launcher=launcher, script=script)
+        print(f"{len(jobs)} jobs submitted (squeue --me); when they are done: nt-dist report {args.file}")
+        return 0
+    outcomes = pipeline.run(spec, stages, launcher=launcher, parallel=args.parallel)
+    print(pipeline.summary(outcomes))
+    if not args.no_report and any(o.status in ("ran", "skipped") for o in outcomes):
+        _report_stages(spec, stages, None, log=True)
+    return pipeline.exit_code(outcomes)
+
+
+def _report_stages(spec: Any, stages: list[Any], out: Path | None, log: bool, paper: str | None = None) -> None:
+    from nt_dist import pipeline, report
+
+    results, missing = report.from_stages(stages)
+    if not results:
+        raise UserError(f"{spec.path}: no stage has finished yet (nt-dist pipeline {spec.path} runs them)")
+    folder = out or pipeline._common_root(stages) / "report"
+    text, files = report.report(results, spec.name, spec.spec.paper if paper is None else paper, folder)
+    print("\n" + text)
+    if missing:
+        say(f"nt-dist report: {len(missing)} of {len(stages)} stages have no result yet, e.g. {missing[0]}")
+    enabled, uri = report.tracking_of(spec, stages)
+    if log and enabled:
+        run_id = report.log_to_mlflow(files, spec.experiment, uri, spec.name, spec.spec.paper)
+        say(f"nt-dist report: {folder} (MLflow run {run_id})")
+    else:
+        say(f"nt-dist report: {folder}")
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from nt_dist import pipeline, report
+
+    if bool(args.file) == bool(args.experiment):
+        raise UserError("report: pass a pipeline file or --experiment NAME (one of them)")
+    if args.file:
+        spec = pipeline.load_pipeline(args.file)
+        stages = pipeline.expand(spec, seeds=args.seeds, output_dir=args.pipeline_out)
+        _report_stages(spec, stages, Path(args.out) if args.out else None, not args.no_mlflow, args.paper)
+        return 0
+    from nt_dist.config import TrackingConfig
+    from nt_dist.tracking import tracking_uri
+
+    uri = args.tracking_uri or tracking_uri(TrackingConfig())
+    results, name, paper = report.from_mlflow(args.experiment, uri, args.table)
+    paper = paper if args.paper is None else args.paper
+    folder = Path(args.out or f"report-{name}")
+    text, files = report.report(results, name, paper, folder)
+    print(text)
+    if not args.no_mlflow:
+        run_id = report.log_to_mlflow(files, args.experiment, uri, name, paper)
+        say(f"nt-dist report: {folder} (MLflow run {run_id})")
     return 0
 
 

@@ -145,6 +145,15 @@ class TrackingConfig:
     uri: str = ""
     run_name: str = ""  # "" : run.name
     timeout_s: float = Field(default=60.0, ge=0, le=3600)  # wait this long for MLflow at start and at the end
+    # extra MLflow tags; `nt-dist pipeline` sets table, row, column, seed, stage, sweep.<key>
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _tag_text(cls, value: Any) -> Any:  # MLflow tags are text: `seed: 0` means "0"
+        if isinstance(value, dict):
+            return {k: v if isinstance(v, (dict, list)) else str(v) for k, v in value.items()}
+        return value
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -188,6 +197,8 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
     if not isinstance(tree, dict):
         raise UserError(f"{path}: a recipe is a mapping of sections (run, data, model, ...), "
                         f"not a {type(tree).__name__}")
+    if "pipeline" in tree:
+        raise UserError(f"{path}: a pipeline file, not a recipe: run it with nt-dist pipeline {path}")
     for item in overrides:
         _apply_override(tree, item, path)
     return recipe_from_dict(tree, source=str(path))

@@ -468,7 +468,8 @@ def evaluate(run: Run) -> dict[str, float]:
 def describe(recipe: Recipe) -> dict[str, str]:
     """MLflow tags that make lineage visible in the UI."""
     return {"role": recipe.run.role, "dataset": recipe.data.name, "architecture": recipe.model.name,
-            "nt_dist_version": __version__, "mlflow.runName": recipe.tracking.run_name or recipe.run.name}
+            "nt_dist_version": __version__, "mlflow.runName": recipe.tracking.run_name or recipe.run.name,
+            **recipe.tracking.tags}
 
 
 def peak_memory_mb(device: torch.device) -> float:

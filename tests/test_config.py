@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from nt_dist.config import Recipe, load_recipe, recipe_from_dict, recipe_to_dict
 from nt_dist.errors import UserError
@@ -29,7 +30,15 @@ def error_of(path: Path, overrides: list[str] | None = None) -> str:
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
 def test_every_shipped_recipe_validates(name: str):
-    recipe = load_recipe(REPO / "recipes" / name)
+    path = REPO / "recipes" / name
+    if "pipeline" in yaml.safe_load(path.read_text()):  # a pipeline file: its stages' recipes validate
+        from nt_dist.pipeline import expand, load_pipeline
+
+        stages = expand(load_pipeline(path))
+        assert all(isinstance(load_recipe(s.recipe, list(s.overrides)), Recipe) for s in stages)
+        assert error_of(path) == (f"{path}: a pipeline file, not a recipe: run it with nt-dist pipeline {path}")
+        return
+    recipe = load_recipe(path)
     assert isinstance(recipe, Recipe)
 
 

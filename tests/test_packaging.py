@@ -98,3 +98,16 @@ def test_data_files_are_in_the_wheel(wheel):
     for dest, name in _data_files():
         inside = f".data/data/{dest}/{Path(name).name}"
         assert any(n.endswith(inside) for n in names), f"{name} not in {wheel.name} (as *{inside})"
+
+
+def test_every_recipe_and_pipeline_file_is_installed():
+    listed = {name for _, name in _data_files()}
+    on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.yaml")}
+    assert on_disk <= listed, f"recipes missing from setup.cfg's data_files: {sorted(on_disk - listed)}"
+    for dest, name in _data_files():
+        assert dest == str(Path("share/nt_dist") / Path(name).parent), (dest, name)  # the tree is kept
+
+
+def test_the_papers_tables_are_in_the_wheel(wheel):
+    with zipfile.ZipFile(wheel) as zf:
+        assert "nt_dist/paper_tables.yaml" in zf.namelist()

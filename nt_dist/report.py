@@ -1,0 +1,372 @@
+"""``nt-dist report``: a pipeline's results as the paper's tables, with the paper beside them.
+
+Results come from the stage folders of a pipeline file (``metrics.json``) or from an MLflow
+experiment (the tags ``nt-dist pipeline`` sets: table, row, column, seed, stage, sweep.<key>).
+For each point of the sweep, one table in the paper's layout: the student baselines, then each
+teacher row with the teacher's top-1 and every student's top-1 after KD, as mean ± std over
+seeds with the change against the student baseline (a nasty teacher: against its adversary;
+a ``self`` student: against the row's normal teacher), and the paper's published figure beside
+each cell (``nt_dist/paper_tables.yaml``). Written as Markdown and CSV, with a PNG per swept key
+(students' and teachers' top-1 against the key), to a folder and to MLflow as artifacts.
+
+Our figures are the final epoch's; the paper's are the best test epoch's (the authors keep
+``best_model.tar``), which favours the paper by a few tenths.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nt_dist.errors import UserError
+from nt_dist.pipeline import BASELINE_ROW, TEACHER_COLUMN, Pipeline, Stage
+
+NOTE = ("ours: final epoch, mean ± std over seeds (n = seeds); paper: best test epoch, one run; "
+        "(±x.xx) in brackets: change against the student baseline, for teachers against the normal teacher")
+
+
+@dataclass(frozen=True)
+class Result:
+    kind: str  # teacher | nasty | student | baseline
+    row: str
+    column: str
+    seed: int
+    sweep: tuple[tuple[str, str], ...]
+    top1: float
+    reference_row: str = ""
+
+
+@dataclass(frozen=True)
+class Cell:
+    values: tuple[float, ...]
+    delta: float | None = None
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+    def text(self) -> str:
+        spread = f" ± {self.std:.2f}" if len(self.values) > 1 else ""
+        delta = f" ({_signed(self.delta)})" if self.delta is not None else ""
+        return f"{self.mean:.2f}{spread}{delta}"
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    point: tuple[tuple[str, str], ...]
+    rows: list[str]  # "student baseline" first, then teacher rows
+    columns: list[str]  # "teacher", then the students
+    cells: dict[tuple[str, str], Cell]
+    seeds: int
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.2f}".replace("-", "−")
+
+
+# ----------------------------------------------------------------------------- the paper
+
+
+@cache
+def paper_tables() -> dict[str, Any]:
+    """The paper's Tables 1-6 as shipped in the package (``nt_dist/paper_tables.yaml``)."""
+    text = resources.files("nt_dist").joinpath("paper_tables.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+def paper_cell(table: str, row: str, column: str) -> tuple[float, float | None] | None:
+    entry = paper_tables().get(table, {}).get("rows", {}).get(row, {}).get(column)
+    return (float(entry[0]), None if entry[1] is None else float(entry[1])) if entry else None
+
+
+# ----------------------------------------------------------------------------- collecting
+
+
+def from_stages(stages: Iterable[Stage]) -> tuple[list[Result], list[str]]:
+    """Results of the stages whose folder holds a finished run; and the names of the others."""
+    results, missing = [], []
+    for stage in stages:
+        try:
+            final = json.loads((stage.output_dir / "metrics.json").read_text(encoding="utf-8"))["final"]
+            top1 = float(final["test_top1"])
+        except (OSError, ValueError, KeyError, TypeError):
+            missing.append(stage.name)
+            continue
+        results.append(Result(stage.kind, stage.row, stage.column, stage.seed,
+                              tuple((k, str(v)) for k, v in stage.sweep), top1, stage.reference_row))
+    return results, missing
+
+
+def from_mlflow(experiment: str, uri: str, table: str = "") -> tuple[list[Result], str, str]:
+    """Finished runs of ``experiment`` tagged by a pipeline (of ``table`` when given).
+    Returns the results, the pipeline's name and its paper table key."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise UserError(f"--experiment: {experiment!r} not found in {uri}")
+    query = "attributes.status = 'FINISHED' and tags.stage != 'report'"
+    if table:
+        query += f" and tags.table = '{table}'"
+    results, tables, papers = [], set(), set()
+    for run in client.search_runs([found.experiment_id], query, max_results=50_000):
+        tags, metric = run.data.tags, run.data.metrics.get("test_top1")
+        if metric is None or tags.get("stage") not in ("teacher", "nasty", "student", "baseline"):
+            continue
+        sweep = tuple(sorted((k.removeprefix("sweep."), v) for k, v in tags.items() if k.startswith("sweep.")))
+        results.append(Result(tags["stage"], tags.get("row", ""), tags.get("column", ""), int(tags.get("seed", 0)),
+                              sweep, float(metric), tags.get("reference_row", "")))
+        tables.add(tags.get("table", ""))
+        papers.add(tags.get("paper", ""))
+    if not results:
+        raise UserError(f"--experiment: {experiment!r} holds no finished pipeline runs"
+                        + (f" of table {table!r}" if table else ""))
+    if len(tables) > 1:
+        raise UserError(f"--experiment: {experiment!r} holds runs of several pipelines ({', '.join(sorted(tables))}); "
+                        "pass --table NAME")
+    return results, tables.pop(), (papers.pop() if len(papers) == 1 else "")
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def sweep_points(results: list[Result]) -> list[tuple[tuple[str, str], ...]]:
+    """Every combination of the swept values seen (``[()]`` without a sweep)."""
+    keys: dict[str, list[str]] = {}
+    for r in results:
+        for k, v in r.sweep:
+            if v not in keys.setdefault(k, []):
+                keys[k].append(v)
+    points: list[tuple[tuple[str, str], ...]] = [()]
+    for key, values in keys.items():
+        points = [(*p, (key, v)) for p in points for v in _sorted_values(values)]
+    return points
+
+
+def _sorted_values(values: list[str]) -> list[str]:
+    try:
+        return sorted(values, key=float)
+    except ValueError:
+        return values
+
+
+def _at(results: list[Result], point: tuple[tuple[str, str], ...]) -> list[Result]:
+    """Results that belong to ``point``: a stage the swept key does not reach belongs to every value."""
+    fixed = dict(point)
+    return [r for r in results if all(fixed.get(k) == v for k, v in r.sweep)]
+
+
+def build_table(results: list[Result], title: str, point: tuple[tuple[str, str], ...] = (),
+                row_order: Iterable[str] = ()) -> Table:
+    here = _at(results, point)
+    groups: dict[tuple[str, str], list[float]] = {}
+    reference: dict[str, str] = {}
+    for r in here:
+        groups.setdefault((r.row, r.column), []).append(r.top1)
+        if r.kind == "nasty" and r.reference_row:
+            reference[r.row] = r.reference_row
+    students = list(dict.fromkeys(r.column for r in here if r.kind in ("student", "baseline")))
+    with_students = {r.row for r in here if r.kind == "student"}
+    rows = [r.row for r in here if r.kind == "nasty" or (r.kind == "teacher" and (r.row in with_students or not students))]
+    rows = _order(list(dict.fromkeys(rows)), reference, list(row_order))
+    cells: dict[tuple[str, str], Cell] = {}
+
+    def mean(row: str, column: str) -> float | None:
+        values = groups.get((row, column))
+        return statistics.fmean(values) if values else None
+
+    for column in students:
+        if (BASELINE_ROW, column) in groups:
+            cells[BASELINE_ROW, column] = Cell(tuple(groups[BASELINE_ROW, column]))
+    self_reference = {r.row: r.reference_row for r in here if r.kind == "student" and r.reference_row}
+    for row in rows:
+        teacher = groups.get((row, TEACHER_COLUMN))
+        if teacher:
+            base = mean(reference[row], TEACHER_COLUMN) if row in reference else None
+            cells[row, TEACHER_COLUMN] = Cell(tuple(teacher), None if base is None else statistics.fmean(teacher) - base)
+        for column in students:
+            values = groups.get((row, column))
+            if not values:
+                continue
+            base = mean(BASELINE_ROW, column)
+            if base is None and row in self_reference:  # a `self` column: against the row's normal teacher
+                base = mean(self_reference[row], TEACHER_COLUMN)
+            cells[row, column] = Cell(tuple(values), None if base is None else statistics.fmean(values) - base)
+    seeds = len({r.seed for r in here})
+    return Table(title, point, [BASELINE_ROW, *rows], [TEACHER_COLUMN, *students], cells, seeds)
+
+
+def _order(rows: list[str], reference: dict[str, str], paper: list[str]) -> list[str]:
+    """The paper's order where it lists the rows; else each normal teacher followed by the
+    nasty teachers trained against it."""
+    if paper and all(r in paper for r in rows):
+        return sorted(rows, key=paper.index)
+    ordered = []
+    for row in rows:
+        if row not in reference:
+            ordered += [row, *[n for n in rows if reference.get(n) == row]]
+    return ordered + [r for r in rows if r not in ordered]
+
+
+def markdown(table: Table, paper: str = "") -> str:
+    heading = table.title + ("" if not table.point else " — " + ", ".join(f"{k} = {v}" for k, v in table.point))
+    header = ["Teacher", "Teacher top-1", *[f"Student {c}" for c in table.columns[1:]]]
+    lines = [f"### {heading}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table.rows:
+        cells = []
+        for column in table.columns:
+            cell = table.cells.get((row, column))
+            text = cell.text() if cell else "–"
+            figure = paper_cell(paper, row, column) if paper else None
+            if figure is not None:
+                delta = f" ({_signed(figure[1])})" if figure[1] is not None else ""
+                text += f" · paper {figure[0]:.2f}{delta}"
+            cells.append(text)
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines += ["", f"{NOTE.replace('n = seeds', f'n = {table.seeds}')}"]
+    return "\n".join(lines)
+
+
+def csv_text(tables: list[Table], paper: str = "") -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["table", "sweep", "row", "column", "n", "mean", "std", "delta", "paper", "paper_delta",
+                     "values"])
+    for t in tables:
+        sweep = ";".join(f"{k}={v}" for k, v in t.point)
+        for (row, column), cell in t.cells.items():
+            figure = paper_cell(paper, row, column) if paper else None
+            writer.writerow([t.title, sweep, row, column, len(cell.values), f"{cell.mean:.4f}", f"{cell.std:.4f}",
+                             "" if cell.delta is None else f"{cell.delta:.4f}",
+                             "" if figure is None else figure[0], "" if figure is None or figure[1] is None else figure[1],
+                             " ".join(f"{v:.2f}" for v in cell.values)])
+    return out.getvalue()
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def sweep_series(results: list[Result], key: str) -> tuple[dict[str, list], dict[str, list]]:
+    """For a swept ``key``: (students' series, teachers' series), label -> [(x, mean, std)].
+    A stage the key does not reach (a baseline under an ω sweep) is a flat line."""
+    values = _sorted_values(list(dict.fromkeys(v for r in results for k, v in r.sweep if k == key)))
+    students: dict[str, list] = {}
+    teachers: dict[str, list] = {}
+    for value in values:
+        here = [r for r in results if dict(r.sweep).get(key, value) == value]
+        groups: dict[tuple[str, str], list[float]] = {}
+        for r in here:
+            label = (f"{r.column} alone" if r.kind == "baseline" else f"{r.column} ← {r.row}"
+                     if r.kind == "student" else r.row)
+            groups.setdefault((r.kind in ("student", "baseline") and "s" or "t", label), []).append(r.top1)
+        for (side, label), vs in groups.items():
+            point = (float(value), statistics.fmean(vs), statistics.stdev(vs) if len(vs) > 1 else 0.0)
+            (students if side == "s" else teachers).setdefault(label, []).append(point)
+    return students, teachers
+
+
+def write_plots(results: list[Result], folder: Path, name: str) -> list[Path]:
+    from nt_dist.plots import sweep_plot
+
+    paths = []
+    for key in dict.fromkeys(k for r in results for k, _ in r.sweep):
+        try:
+            students, teachers = sweep_series(results, key)
+        except ValueError:  # a non-numeric sweep (e.g. a model name) has no axis
+            continue
+        for side, series, what in (("students", students, "student top-1 after KD (%)"),
+                                   ("teachers", teachers, "teacher top-1 (%)")):
+            if series:
+                paths.append(sweep_plot(folder / f"{name}_{key}_{side}.png", title=f"{name}: {what} against {key}",
+                                        xlabel=key, ylabel=what, series=series))
+    return paths
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def report(results: list[Result], name: str, paper: str, folder: Path) -> tuple[str, list[Path]]:
+    """Write ``<folder>/report.md``, ``report.csv`` and the sweep PNGs; return the Markdown and the files."""
+    from nt_dist.checkpoint import atomic_write_text
+
+    if paper and paper not in paper_tables():
+        raise UserError(f"paper: {paper!r} is not a table of nt_dist/paper_tables.yaml "
+                        f"({', '.join(paper_tables())})")
+    title = paper_tables()[paper]["title"] if paper else name
+    order = list(paper_tables()[paper]["rows"]) if paper else []
+    tables = [build_table(results, title, point, order) for point in sweep_points(results)]
+    text = "\n\n".join(markdown(t, paper) for t in tables) + "\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [folder / "report.md", folder / "report.csv"]
+    atomic_write_text(files[0], text)
+    atomic_write_text(files[1], csv_text(tables, paper))
+    files += write_plots(results, folder, name)
+    return text, files
+
+
+def log_to_mlflow(files: list[Path], experiment: str, uri: str, name: str, paper: str) -> str:
+    """One run ``<name>/report`` in ``experiment`` holding the report's files; returns its id."""
+    from mlflow.tracking import MlflowClient
+
+    from nt_dist.tracking import _artifacts_beside
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(
+        experiment, artifact_location=_artifacts_beside(uri) and f"{_artifacts_beside(uri)}/{experiment}")
+    run = client.create_run(experiment_id, run_name=f"{name}/report",
+                            tags={"table": name, "stage": "report", "paper": paper})
+    try:
+        for path in files:
+            client.log_artifact(run.info.run_id, str(path), artifact_path="report")
+    except Exception:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def tracking_of(p: Pipeline, stages: list[Stage]) -> tuple[bool, str]:
+    """(enabled, uri) of the pipeline's stages, as their recipes resolve them."""
+    from nt_dist.config import load_recipe
+    from nt_dist.tracking import tracking_uri
+
+    if not stages:
+        return False, ""
+    recipe = load_recipe(stages[0].recipe, list(stages[0].overrides))
+    return recipe.tracking.enabled, tracking_uri(recipe.tracking)
+
+
+def quickstart_numbers(results: list[Result]) -> dict[str, Any]:
+    """The quickstart's five figures (means over seeds) and the same per seed."""
+    def pick(rs: list[Result]) -> dict[str, float]:
+        by = {(r.kind, r.column if r.kind in ("student", "baseline") else ""): r.top1 for r in rs}
+        return {"teacher_normal": by.get(("teacher", ""), float("nan")),
+                "teacher_nasty": by.get(("nasty", ""), float("nan")),
+                "student_baseline": next((r.top1 for r in rs if r.kind == "baseline"), float("nan")),
+                "student_kd_normal": next((r.top1 for r in rs if r.kind == "student" and r.row in
+                                           {x.row for x in rs if x.kind == "teacher"}), float("nan")),
+                "student_kd_nasty": next((r.top1 for r in rs if r.kind == "student" and r.row in
+                                          {x.row for x in rs if x.kind == "nasty"}), float("nan"))}
+
+    seeds = sorted({r.seed for r in results})
+    per_seed = {str(s): pick([r for r in results if r.seed == s]) for s in seeds}
+    means = {k: round(statistics.fmean(v[k] for v in per_seed.values()), 2) for k in next(iter(per_seed.values()))}
+    return {**means, "seeds": {s: {k: round(x, 2) for k, x in v.items()} for s, v in per_seed.items()}}
+
