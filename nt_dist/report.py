@@ -124,14 +124,20 @@ def from_mlflow(experiment: str, uri: str, table: str = "") -> tuple[list[Result
     query = "attributes.status = 'FINISHED' and tags.stage != 'report'"
     if table:
         query += f" and tags.table = '{table}'"
-    results, tables, papers = [], set(), set()
-    for run in client.search_runs([found.experiment_id], query, max_results=50_000):
+    results, tables, papers, seen = [], set(), set(), set()
+    # newest first: a cell trained again (run.resume=never) counts once, with its newest run
+    for run in client.search_runs([found.experiment_id], query, max_results=50_000, order_by=["start_time DESC"]):
         tags, metric = run.data.tags, run.data.metrics.get("test_top1")
         if metric is None or tags.get("stage") not in ("teacher", "nasty", "student", "baseline"):
             continue
         sweep = tuple(sorted((k.removeprefix("sweep."), v) for k, v in tags.items() if k.startswith("sweep.")))
-        results.append(Result(tags["stage"], tags.get("row", ""), tags.get("column", ""), int(tags.get("seed", 0)),
-                              sweep, float(metric), tags.get("reference_row", "")))
+        result = Result(tags["stage"], tags.get("row", ""), tags.get("column", ""), int(tags.get("seed", 0)),
+                        sweep, float(metric), tags.get("reference_row", ""))
+        cell = (tags.get("table"), result.kind, result.row, result.column, result.seed, result.sweep)
+        if cell in seen:
+            continue
+        seen.add(cell)
+        results.append(result)
         tables.add(tags.get("table", ""))
         papers.add(tags.get("paper", ""))
     if not results:

@@ -154,6 +154,26 @@ def test_run_skips_finished_stages_and_a_failure_stops_only_its_dependants(tmp_p
         {"table": "tiny", "row": "CNN nasty", "column": "MLP", "seed": "0", "stage": "student"}
     assert run.data.tags["mlflow.runName"] == "tiny/seed0/student/mlp/cnn-nasty"
 
+    # the paper's qualitative figure from the two teachers just trained
+    png = tmp_path / "logits.png"
+    proc = subprocess.run([NT_DIST, "plot-logits", str(tmp_path / "runs/seed0/teacher/cnn-normal"),
+                           str(tmp_path / "runs/seed0/nasty/cnn-nasty"), "--out", str(png), "--count", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.distributed
+def test_a_launcher_config_runs_each_stage_through_accelerate_launch(tmp_path: Path):
+    path = write_pipeline(tmp_path, nasty={}, students={}, launcher=str(REPO / "cluster/cpu_2proc.yaml"))
+    proc = subprocess.run([NT_DIST, "pipeline", str(path), "--no-report"], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 stages: 1 ran" in proc.stdout
+    log = (tmp_path / "runs/logs/seed0__teacher__cnn-normal.log").read_text()
+    assert "epoch 1/1" in log
+    assert json.loads((tmp_path / "runs/seed0/teacher/cnn-normal/metrics.json").read_text())["final"]["test_top1"] > 0
+
 
 @pytest.mark.slow
 def test_the_command_runs_stages_in_parallel_processes_and_reports(tmp_path: Path):

@@ -109,6 +109,10 @@ def test_report_from_an_mlflow_experiment_reads_the_pipelines_tags(tmp_path: Pat
     unfinished = client.create_run(experiment, tags={"table": "table1", "stage": "student", "row": "ResNet-18 nasty",
                                                      "column": "CNN", "seed": "9"})
     client.log_metric(unfinished.info.run_id, "test_top1", 1.0)  # still RUNNING: not a result
+    older = client.create_run(experiment, start_time=1, tags={"table": "table1", "stage": "student", "seed": "0",
+                                                               "row": "ResNet-18 nasty", "column": "CNN"})
+    client.log_metric(older.info.run_id, "test_top1", 2.0)  # the same cell trained before: the newest run counts
+    client.set_terminated(older.info.run_id, "FINISHED")
     results, name, paper = report.from_mlflow("paper-t1", uri)
     assert (name, paper) == ("table1", "table1")
     assert sorted(results, key=repr) == sorted(table1_results(), key=repr)
