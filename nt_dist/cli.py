@@ -24,7 +24,17 @@ from typing import Any
 
 import yaml
 
-from nt_dist.errors import EXIT_INTERRUPTED, EXIT_RUN_ERROR, EXIT_USER_ERROR, RunError, UserError, error, say
+from nt_dist.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
+    EXIT_RUN_ERROR,
+    EXIT_USER_ERROR,
+    Preempted,
+    RunError,
+    UserError,
+    error,
+    say,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -128,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as exc:
         error(str(exc))
         return EXIT_RUN_ERROR
+    except Preempted as exc:  # a stage trained in this process (pipeline, quickstart) was stopped
+        say(f"nt-dist: {'interrupted' if exc.interrupted else 'preempted'}: the running stage saved a checkpoint; "
+            "run the same command again to resume")
+        return EXIT_INTERRUPTED if exc.interrupted else EXIT_PREEMPTED
     except KeyboardInterrupt:
         say("nt-dist: interrupted")
         return EXIT_INTERRUPTED

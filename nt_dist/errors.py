@@ -14,6 +14,7 @@ import sys
 EXIT_USER_ERROR = 2
 EXIT_RUN_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on SIGTERM/SIGUSR1; cluster/slurm requeues on it
 MAX_LINE = 500  # no error line is longer, whatever the input (a YAML value can be megabytes)
 
 
@@ -47,6 +48,14 @@ class RunError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(one_line(message))
+
+
+class Preempted(Exception):
+    """The loop stopped at a step boundary on a signal; ``interrupted``: it was SIGINT (Ctrl-C)."""
+
+    def __init__(self, interrupted: bool = False) -> None:
+        super().__init__("interrupted" if interrupted else "preempted")
+        self.interrupted = interrupted
 
 
 def say(line: str) -> None:

@@ -209,6 +209,11 @@ def _check(p: Pipeline, path: Path) -> None:
                 raise UserError(f"{path}: {section}.{label}.recipe: {p.recipe_path(entry.recipe)} not found")
             if not _slug(label):
                 raise UserError(f"{path}: {section}.{label}: a label needs a letter or digit")
+    for kind, labels in (("nasty", rows), ("students", list(spec.students))):
+        slugs = [_slug(label) for label in labels]
+        clash = next((label for label, slug in zip(labels, slugs, strict=True) if slugs.count(slug) > 1), None)
+        if clash is not None:
+            raise UserError(f"{path}: {kind}.{clash}: its folder name {_slug(clash)!r} is shared with another label")
     for key in spec.sweep:
         if key.count(".") != 1:
             raise UserError(f"{path}: sweep.{key}: expected a recipe key section.key (e.g. nasty.omega)")
@@ -405,7 +410,7 @@ def run(p: Pipeline, stages: list[Stage], *, launcher: str | None = None, parall
     """Run the graph on this machine. ``parallel`` > 1 (or a launcher config) trains each stage
     in its own process, its output in ``<output_dir>/logs/<stage>.log``; otherwise stages run
     in this process, in order, their output on the terminal."""
-    from nt_dist.errors import RunError
+    from nt_dist.errors import Preempted, RunError
 
     launcher = launcher or p.spec.launcher
     if launcher != "local" and not Path(launcher).is_file():
@@ -431,7 +436,7 @@ def run(p: Pipeline, stages: list[Stage], *, launcher: str | None = None, parall
             outcome.status, outcome.results = "ran", results
         except (UserError, RunError) as exc:
             outcome.status, outcome.message = "failed", str(exc)
-        except (KeyboardInterrupt, SystemExit):
+        except (KeyboardInterrupt, SystemExit, Preempted):  # Ctrl-C or the scheduler: stop the pipeline
             raise
         except Exception as exc:  # a bug in one stage must not end its siblings
             outcome.status, outcome.message = "failed", one_line(f"{type(exc).__name__}: {exc}")

@@ -20,7 +20,7 @@ import torch
 
 from nt_dist import rundir
 from nt_dist.config import Recipe
-from nt_dist.errors import UserError, say
+from nt_dist.errors import Preempted, UserError, say  # noqa: F401 - Preempted: re-exported (its old home)
 
 
 def claim_folder(accelerator: Any, recipe: Recipe, source: str) -> rundir.RunLock | None:
@@ -65,13 +65,6 @@ def on_every_rank(accelerator: Any, make: Callable[[], Any]) -> Any:
         raise UserError(problem)
     return value
 
-
-class Preempted(Exception):
-    """The loop stopped at a step boundary on a signal; ``interrupted``: it was SIGINT (Ctrl-C)."""
-
-    def __init__(self, interrupted: bool = False) -> None:
-        super().__init__("interrupted" if interrupted else "preempted")
-        self.interrupted = interrupted
 
 
 class Preemption:
