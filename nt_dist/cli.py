@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         error(str(exc))
         return EXIT_RUN_ERROR
     except Preempted as exc:  # a stage trained in this process (pipeline, quickstart) was stopped
-        say(f"nt-dist: {'interrupted' if exc.interrupted else 'preempted'}: the running stage saved a checkpoint; "
+        where = getattr(exc, "where", "the running stage's folder")
+        say(f"nt-dist: {'interrupted' if exc.interrupted else 'preempted'}: checkpoint saved in {where}; "
             "run the same command again to resume")
         return EXIT_INTERRUPTED if exc.interrupted else EXIT_PREEMPTED
     except KeyboardInterrupt:

@@ -436,7 +436,10 @@ def run(p: Pipeline, stages: list[Stage], *, launcher: str | None = None, parall
             outcome.status, outcome.results = "ran", results
         except (UserError, RunError) as exc:
             outcome.status, outcome.message = "failed", str(exc)
-        except (KeyboardInterrupt, SystemExit, Preempted):  # Ctrl-C or the scheduler: stop the pipeline
+        except Preempted as exc:  # Ctrl-C or the scheduler: the stage checkpointed; stop the pipeline
+            exc.where = str(stage.output_dir)  # type: ignore[attr-defined]
+            raise
+        except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # a bug in one stage must not end its siblings
             outcome.status, outcome.message = "failed", one_line(f"{type(exc).__name__}: {exc}")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -268,3 +270,26 @@ def test_table1_shrunk_to_digits_runs_the_paper_pipeline_and_reports_every_cell(
             assert re.fullmatch(rf"{number}( \([+−]{number}\))? · paper {number}( \([+−]{number}\))?", cell), (row, cell)
     csv_rows = (tmp_path / "t1/report/report.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + 4 + 2 * 5  # header, baselines, two teacher rows of five cells
+
+
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGTERM, 75, "preempted"), (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_stops_the_pipeline_at_the_running_stage_and_the_same_command_resumes(tmp_path: Path, sig, code,
+                                                                                        word):
+    path = write_pipeline(tmp_path, set={**TINY, "run.epochs": 4, "run.checkpoint_every_steps": 3,
+                                         "tracking.enabled": False})
+    command = [NT_DIST, "pipeline", str(path), "--no-report"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    teacher = tmp_path / "runs/seed0/teacher/cnn-normal"
+    deadline = time.time() + 300
+    while not list((teacher / "checkpoints").glob("step_*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == code, err[-2000:]
+    assert [line for line in err.splitlines() if line.startswith(f"nt-dist: {word}")] == [
+        f"nt-dist: {word}: checkpoint saved in {teacher}; run the same command again to resume"]
+    assert "Traceback" not in err
+    assert not (tmp_path / "runs/seed0/nasty").exists() and not (teacher / "metrics.json").exists()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "5 stages: 5 ran, 0 skipped" in again.stdout and "resumed from" in again.stdout
