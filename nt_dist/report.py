@@ -31,8 +31,9 @@ import yaml
 from nt_dist.errors import UserError
 from nt_dist.pipeline import BASELINE_ROW, TEACHER_COLUMN, Pipeline, Stage
 
-NOTE = ("ours: final epoch, mean ± std over seeds (n = seeds); paper: best test epoch, one run; "
-        "(±x.xx) in brackets: change against the student baseline, for teachers against the normal teacher")
+NOTE = ("final-epoch top-1, mean ± sample std over {n} seed(s); in brackets: the change against the student "
+        "baseline (a nasty teacher: against its normal teacher)")
+PAPER_NOTE = "; paper: the published figure, best test epoch of one run"
 
 
 @dataclass(frozen=True)
@@ -245,7 +246,7 @@ def markdown(table: Table, paper: str = "") -> str:
                 text += f" · paper {figure[0]:.2f}{delta}"
             cells.append(text)
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    lines += ["", f"{NOTE.replace('n = seeds', f'n = {table.seeds}')}"]
+    lines += ["", NOTE.format(n=table.seeds) + (PAPER_NOTE if paper else "")]
     return "\n".join(lines)
 
 

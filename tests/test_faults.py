@@ -56,7 +56,7 @@ def sets(*items: str) -> list[str]:
     ("optim.lr=.inf", "optim.lr: input should be a finite number (got inf)"),
     ("nasty.omega=.nan", "nasty.omega: input should be a finite number (got nan)"),
     ("run.seed=-1", "run.seed: input should be greater than or equal to 0"),
-    ("optim.warmup_epochs=30", "optim.warmup_epochs: 30.0 exceeds run.epochs (20)"),
+    ("optim.warmup_epochs=30", "optim.warmup_epochs: 30.0 exceeds run.epochs (15)"),
     ("tracking.uri=ftp://host/x", "tracking.uri: ftp://host/x: unsupported tracking store"),
     ("tracking.uri=./mlruns", "tracking.uri: ./mlruns: MLflow 3 refuses its file store"),
 ])

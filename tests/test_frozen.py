@@ -121,7 +121,7 @@ def test_cached_logits_use_the_frozen_precision():
 
 
 def test_a_bf16_adversary_moves_the_nasty_gradient_by_rounding_only():
-    """One nasty step (ω = 0.08, τ = 4, the digits recipe) with the adversary's forward in bf16:
+    """One nasty step (ω = 0.08, τ = 4) with the adversary's forward in bf16:
     the teacher's parameter gradients stay within 1 % of the fp32 ones."""
     torch.manual_seed(0)
     adversary = create_model("cifar_cnn", 10).eval()

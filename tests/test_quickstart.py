@@ -37,7 +37,7 @@ def test_quickstart_shows_the_nasty_teacher_effect_over_three_seeds(tmp_path: Pa
     assert results["teacher_normal"] - results["teacher_nasty"] <= 2.0, results
     assert results["student_kd_normal"] - results["student_kd_nasty"] >= 3.0, results
     assert "Effect shown: yes" in proc.stdout
-    assert "| student baseline | – | " in proc.stdout and " ± " in proc.stdout and "(n = 3)" in proc.stdout
+    assert "| student baseline | – | " in proc.stdout and " ± " in proc.stdout and "over 3 seed(s)" in proc.stdout
     assert "15 stages: 15 ran, 0 skipped" in proc.stdout
 
     # lineage in MLflow: the nasty student's teacher is the nasty teacher's run (seed 1)

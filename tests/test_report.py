@@ -49,7 +49,7 @@ def test_markdown_puts_the_papers_figure_beside_each_cell():
     assert lines[5] == "| ResNet-18 normal | 96.00 ± 1.41 · paper 95.13 | 85.00 ± 1.41 (+4.00) · paper 87.75 (+1.11) |"
     assert lines[6] == ("| ResNet-18 nasty | 94.50 ± 0.71 (−1.50) · paper 94.56 (−0.57) | "
                         "70.50 ± 0.71 (−10.50) · paper 82.46 (−4.18) |")
-    assert "n = 2" in lines[-1] and "best test epoch" in lines[-1] and "final epoch" in lines[-1]
+    assert "over 2 seed(s)" in lines[-1] and "best test epoch" in lines[-1] and "final-epoch" in lines[-1]
 
 
 def test_a_self_column_compares_with_the_rows_normal_teacher():

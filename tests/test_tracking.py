@@ -43,7 +43,7 @@ def test_run_logs_params_metrics_tags_artifacts_and_lineage(tmp_path: Path):
             assert key in run.data.metrics, key
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"resolved_recipe.yaml", "model.safetensors", "metrics.json"} <= artifacts
-    assert n_run.data.params["nasty.omega"] == "0.08"
+    assert n_run.data.params["nasty.omega"] == "0.05"
     assert "train_kl" in n_run.data.metrics
     # lineage: the nasty teacher's run names the run that produced its adversary
     assert n_run.data.tags["adversary_run_id"] == t_run.info.run_id
