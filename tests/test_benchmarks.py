@@ -63,3 +63,20 @@ def test_gpu_check_runs_every_step_with_tiny_sizes(tmp_path):
     for loader, role in (("device", "teacher"), ("device", "nasty"), ("torch", "teacher"), ("torch", "nasty")):
         assert f"| {loader} | {role} | " in summary
     assert (out / "quickstart" / "results.json").is_file()
+
+
+def test_quickstart_sweep_prints_each_seed_and_the_criteria(tmp_path):
+    """The record of how the quickstart's settings were chosen still runs: the recipe files as
+    they are, one seed, five runs, and a table with the verdict on the criteria."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quickstart_sweep.py"), "--settings", "files",
+                           "--seeds", "0", "--out", str(tmp_path / "sweep")],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    row = next(line for line in lines if line.startswith("| files | 0 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    values = [float(c) for c in cells[2:7]]
+    assert all(0 <= v <= 100 for v in values)
+    assert float(cells[7]) == pytest.approx(values[0] - values[1], abs=0.011)  # drop
+    assert float(cells[8]) == pytest.approx(values[3] - values[4], abs=0.011)  # gap
+    assert any("1 seeds: (a) " in line for line in lines)
