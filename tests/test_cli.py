@@ -95,6 +95,7 @@ README_CASES = {
     "recipe not a mapping": ("recipe.yaml", "- run\n- data\n", {}),
     "`run.output_dir` is a file": ("recipe.yaml", "run: {output_dir: taken}\n", {}),
     "a tracking store that cannot work": ("recipe.yaml", "tracking: {uri: 'ftp://host/x'}\n", {}),
+    "a pipeline file given to `nt-dist train`": ("pipe.yaml", "pipeline: t\n", {}),
 }
 
 

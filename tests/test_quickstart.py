@@ -32,7 +32,7 @@ def test_quickstart_shows_the_nasty_teacher_effect_over_three_seeds(tmp_path: Pa
             final = json.loads((out / f"seed{seed}" / FOLDERS[name] / "metrics.json").read_text())["final"]
             assert values[name] == pytest.approx(final["test_top1"], abs=0.006)
     for name in NAMES:  # the five keys are the means
-        assert results[name] == pytest.approx(statistics.fmean(v[name] for v in results["seeds"].values()), abs=0.006)
+        assert results[name] == pytest.approx(statistics.fmean(v[name] for v in results["seeds"].values()), abs=0.01)
     # the paper's effect, on the mean: the nasty teacher keeps its accuracy, its student loses
     assert results["teacher_normal"] - results["teacher_nasty"] <= 2.0, results
     assert results["student_kd_normal"] - results["student_kd_nasty"] >= 3.0, results
