@@ -191,7 +191,7 @@ def _report_stages(spec: Any, stages: list[Any], out: Path | None, log: bool, pa
     results, missing = report.from_stages(stages)
     if not results:
         raise UserError(f"{spec.path}: no stage has finished yet (nt-dist pipeline {spec.path} runs them)")
-    folder = out or pipeline._common_root(stages) / "report"
+    folder = out or pipeline.output_root(stages) / "report"
     text, files = report.report(results, spec.name, spec.spec.paper if paper is None else paper, folder)
     print("\n" + text)
     if missing:

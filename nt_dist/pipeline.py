@@ -417,7 +417,7 @@ def run(p: Pipeline, stages: list[Stage], *, launcher: str | None = None, parall
         raise UserError(f"{p.path}: launcher: {launcher} not found (local, or an accelerate config such as "
                         "cluster/single_gpu.yaml)")
     outcomes = {s.name: Outcome(s) for s in stages}
-    logs = _common_root(stages) / "logs"
+    logs = output_root(stages) / "logs"
     separate = parallel > 1 or launcher != "local"
 
     def one(stage: Stage) -> None:
@@ -487,7 +487,7 @@ def run(p: Pipeline, stages: list[Stage], *, launcher: str | None = None, parall
     return [outcomes[s.name] for s in stages]
 
 
-def _common_root(stages: list[Stage]) -> Path:
+def output_root(stages: list[Stage]) -> Path:
     """The pipeline's output folder (every stage folder is <root>/seed<k>/...)."""
     return stages[0].output_dir.parents[len(Path(stages[0].name).parts) - 1] if stages else Path(".")
 
@@ -534,7 +534,7 @@ def submit_slurm(p: Pipeline, stages: list[Stage], *, launcher: str | None = Non
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise UserError("sbatch: not found on PATH (--submit slurm runs on a SLURM login node)")
-    root = _common_root(stages)
+    root = output_root(stages)
     jobs: dict[str, str] = {}
     for stage in stages:
         if stage_state(stage)[0] == "finished":

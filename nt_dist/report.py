@@ -331,12 +331,12 @@ def log_to_mlflow(files: list[Path], experiment: str, uri: str, name: str, paper
     """One run ``<name>/report`` in ``experiment`` holding the report's files; returns its id."""
     from mlflow.tracking import MlflowClient
 
-    from nt_dist.tracking import _artifacts_beside
+    from nt_dist.tracking import artifacts_beside
 
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(
-        experiment, artifact_location=_artifacts_beside(uri) and f"{_artifacts_beside(uri)}/{experiment}")
+        experiment, artifact_location=artifacts_beside(uri))  # where the training runs would put it
     run = client.create_run(experiment_id, run_name=f"{name}/report",
                             tags={"table": name, "stage": "report", "paper": paper})
     try:

@@ -32,7 +32,7 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
 
 
-def _artifacts_beside(uri: str) -> str | None:
+def artifacts_beside(uri: str) -> str | None:
     """For a SQLite store, artifacts go to ``mlartifacts/`` beside the database file (what
     ``mlflow server --default-artifact-root`` would do); servers choose their own."""
     if not uri.startswith("sqlite:///"):
@@ -110,7 +110,7 @@ class Tracker:
         found = self._client.get_experiment_by_name(name)
         if found is not None:
             return found.experiment_id
-        location = _artifacts_beside(tracking_uri(self.cfg))
+        location = artifacts_beside(tracking_uri(self.cfg))
         try:
             return self._client.create_experiment(name, artifact_location=location)
         except Exception:  # noqa: BLE001 - another process created it first
