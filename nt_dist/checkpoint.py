@@ -142,6 +142,18 @@ def read_model_file(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict
         return obj, {}
 
 
+def read_model_metadata(path: Path, key: str) -> dict[str, str]:
+    """The metadata of an exported model without reading its tensors (a safetensors header);
+    any other file goes through :func:`read_model_file` and its checks."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return read_model_file(path, key)[1]
+
+
 def load_frozen_model(
     architecture: str,
     checkpoint: str,

@@ -191,14 +191,21 @@ def _report_stages(spec: Any, stages: list[Any], out: Path | None, log: bool, pa
     results, missing = report.from_stages(stages)
     if not results:
         raise UserError(f"{spec.path}: no stage has finished yet (nt-dist pipeline {spec.path} runs them)")
-    folder = out or pipeline.output_root(stages) / "report"
-    text, files = report.report(results, spec.name, spec.spec.paper if paper is None else paper, folder)
-    print("\n" + text)
     if missing:
         say(f"nt-dist report: {len(missing)} of {len(stages)} stages have no result yet, e.g. {missing[0]}")
     enabled, uri = report.tracking_of(spec, stages)
-    if log and enabled:
-        run_id = report.log_to_mlflow(files, spec.experiment, uri, spec.name, spec.spec.paper)
+    _write_report(results, spec.name, spec.spec.paper if paper is None else paper,
+                  out or pipeline.output_root(stages) / "report", spec.experiment, uri if log and enabled else "")
+
+
+def _write_report(results: list[Any], name: str, paper: str, folder: Path, experiment: str, uri: str) -> None:
+    """The report's files, its tables on stdout, and (``uri`` set) a run holding them in MLflow."""
+    from nt_dist import report
+
+    text, files = report.report(results, name, paper, folder)
+    print("\n" + text)
+    if uri:
+        run_id = report.log_to_mlflow(files, experiment, uri, name, paper)
         say(f"nt-dist report: {folder} (MLflow run {run_id})")
     else:
         say(f"nt-dist report: {folder}")
@@ -219,13 +226,8 @@ def report_command(args: argparse.Namespace) -> int:
 
     uri = args.tracking_uri or tracking_uri(TrackingConfig())
     results, name, paper = report.from_mlflow(args.experiment, uri, args.table)
-    paper = paper if args.paper is None else args.paper
-    folder = Path(args.out or f"report-{name}")
-    text, files = report.report(results, name, paper, folder)
-    print(text)
-    if not args.no_mlflow:
-        run_id = report.log_to_mlflow(files, args.experiment, uri, name, paper)
-        say(f"nt-dist report: {folder} (MLflow run {run_id})")
+    _write_report(results, name, paper if args.paper is None else args.paper, Path(args.out or f"report-{name}"),
+                  args.experiment, "" if args.no_mlflow else uri)
     return 0
 
 

@@ -41,7 +41,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -140,10 +139,12 @@ class Stage:
     output_dir: Path
     needs: tuple[str, ...] = ()  # names of the stages whose models it reads
     reference_row: str = ""  # nasty: its adversary's row; self-student: the row's normal teacher
+    tags: dict[str, str] = field(default_factory=dict, hash=False)  # its MLflow tags (also in its overrides)
 
     @property
-    def tags(self) -> dict[str, str]:
-        return tag_values(self)
+    def log_name(self) -> str:
+        """The stage's log file name under ``<output_dir>/logs/`` (without the suffix)."""
+        return self.name.replace("/", "__")
 
 
 @dataclass
@@ -300,7 +301,7 @@ def expand(p: Pipeline, *, seeds: Iterable[int] | None = None, extra: Iterable[s
         overrides = (*_overrides(spec.set), *_overrides(entry_set), *extra, *_overrides(dict(sweep)),
                      *_overrides(managed))
         stage = Stage(name, kind, row, column, seed, sweep, p.recipe_path(recipe), overrides, folder, needs,
-                      reference_row)
+                      reference_row, tags)
         stages[name] = stage
         return stage
 
@@ -350,13 +351,6 @@ def _architecture(p: Pipeline, entry: TeacherSpec) -> str:
         return ""
 
 
-def tag_values(stage: Stage) -> dict[str, str]:
-    for item in stage.overrides:
-        if item.startswith("tracking.tags="):
-            return json.loads(item.partition("=")[2])
-    return {}
-
-
 # ----------------------------------------------------------------------------- running
 
 
@@ -402,7 +396,10 @@ def _train_subprocess(stage: Stage, launcher: str, log: Path) -> dict[str, Any]:
         lines = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
         errors = [line for line in lines if "error:" in line] or lines[-1:]
         raise RunError(f"exit {code}: {errors[-1] if errors else '(no output)'} (log: {log})")
-    return json.loads((stage.output_dir / "metrics.json").read_text(encoding="utf-8")).get("final", {})
+    state, results = stage_state(stage)
+    if state != "finished":
+        raise RunError(f"exit 0 but {stage.output_dir} holds no finished run (log: {log})")
+    return results
 
 
 def run(p: Pipeline, stages: list[Stage], *, launcher: str | None = None, parallel: int = 1,
@@ -430,7 +427,7 @@ def run(p: Pipeline, stages: list[Stage], *, launcher: str | None = None, parall
                 return
             echo(f"nt-dist pipeline: start {stage.name}")
             if separate:
-                results = _train_subprocess(stage, launcher, logs / f"{stage.name.replace('/', '__')}.log")
+                results = _train_subprocess(stage, launcher, logs / f"{stage.log_name}.log")
             else:
                 results = _train_here(stage)
             outcome.status, outcome.results = "ran", results
@@ -459,7 +456,6 @@ def run(p: Pipeline, stages: list[Stage], *, launcher: str | None = None, parall
         return "go" if all(s in ("ran", "skipped") for s in inputs) else "wait"
 
     pending = list(stages)
-    lock = threading.Lock()
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         running: dict[Future[None], Stage] = {}
         while pending or running:
@@ -467,9 +463,7 @@ def run(p: Pipeline, stages: list[Stage], *, launcher: str | None = None, parall
                 verdict = ready(stage)
                 if verdict == "blocked":
                     failed = next(n for n in stage.needs if outcomes[n].status in ("failed", "blocked"))
-                    with lock:
-                        outcomes[stage.name].status = "blocked"
-                        outcomes[stage.name].message = f"needs {failed}"
+                    outcomes[stage.name].status, outcomes[stage.name].message = "blocked", f"needs {failed}"
                     pending.remove(stage)
                 elif verdict == "go" and len(running) < max(1, parallel):
                     pending.remove(stage)
@@ -543,7 +537,7 @@ def submit_slurm(p: Pipeline, stages: list[Stage], *, launcher: str | None = Non
         after = [jobs[n] for n in stage.needs if n in jobs]
         options = [f"--{k}={v}" for k, v in p.spec.slurm.items()]
         command = [sbatch, "--parsable", f"--job-name={p.name}/{stage.name}",
-                   f"--output={(root / 'logs').resolve()}/{stage.name.replace('/', '__')}-%j.out", *options]
+                   f"--output={(root / 'logs').resolve()}/{stage.log_name}-%j.out", *options]
         if after:
             command += [f"--dependency=afterok:{':'.join(after)}", "--kill-on-invalid-dep=yes"]
         command += [str(script), str(stage.recipe), *sum((["--set", o] for o in stage.overrides), [])]

@@ -25,7 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from nt_dist.checkpoint import load_frozen_model, read_model_file, resolve_model_file
+from nt_dist.checkpoint import load_frozen_model, read_model_metadata, resolve_model_file
 from nt_dist.data import SPLITS, build_dataset, num_classes_of
 from nt_dist.data.transforms import Normalise, build_transform
 from nt_dist.errors import UserError
@@ -86,7 +86,7 @@ def _recorded_data(model_file: Path) -> dict[str, Any]:
 def _describe_model(model_file: Path, key: str) -> dict[str, Any]:
     """What an exported model was trained on: data set, class count, image size, evaluation
     protocol (None where unknown). The model file's metadata first, then the run's recipe."""
-    _, meta = read_model_file(model_file, key)
+    meta = read_model_metadata(model_file, key)  # the weights are read once, when the network is built
     recipe = _recorded_data(model_file)
     described: dict[str, Any] = {
         "dataset": meta.get("dataset") or recipe.get("name"),

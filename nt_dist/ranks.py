@@ -20,7 +20,7 @@ import torch
 
 from nt_dist import rundir
 from nt_dist.config import Recipe
-from nt_dist.errors import Preempted, UserError, say  # noqa: F401 - Preempted: re-exported (its old home)
+from nt_dist.errors import UserError, say
 
 
 def claim_folder(accelerator: Any, recipe: Recipe, source: str) -> rundir.RunLock | None:
@@ -64,7 +64,6 @@ def on_every_rank(accelerator: Any, make: Callable[[], Any]) -> Any:
     if problem:
         raise UserError(problem)
     return value
-
 
 
 class Preemption:

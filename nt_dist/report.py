@@ -29,7 +29,8 @@ from typing import Any
 import yaml
 
 from nt_dist.errors import UserError
-from nt_dist.pipeline import BASELINE_ROW, TEACHER_COLUMN, Pipeline, Stage
+from nt_dist.pipeline import BASELINE_ROW, KINDS, TEACHER_COLUMN, Pipeline, Stage
+from nt_dist.rundir import RESULTS_FILE
 
 NOTE = ("final-epoch top-1, mean ± sample std over {n} seed(s); in brackets: the change against the student "
         "baseline (a nasty teacher: against its normal teacher)")
@@ -103,7 +104,7 @@ def from_stages(stages: Iterable[Stage]) -> tuple[list[Result], list[str]]:
     results, missing = [], []
     for stage in stages:
         try:
-            final = json.loads((stage.output_dir / "metrics.json").read_text(encoding="utf-8"))["final"]
+            final = json.loads((stage.output_dir / RESULTS_FILE).read_text(encoding="utf-8"))["final"]
             top1 = float(final["test_top1"])
         except (OSError, ValueError, KeyError, TypeError):
             missing.append(stage.name)
@@ -129,7 +130,7 @@ def from_mlflow(experiment: str, uri: str, table: str = "") -> tuple[list[Result
     # newest first: a cell trained again (run.resume=never) counts once, with its newest run
     for run in client.search_runs([found.experiment_id], query, max_results=50_000, order_by=["start_time DESC"]):
         tags, metric = run.data.tags, run.data.metrics.get("test_top1")
-        if metric is None or tags.get("stage") not in ("teacher", "nasty", "student", "baseline"):
+        if metric is None or tags.get("stage") not in KINDS:
             continue
         sweep = tuple(sorted((k.removeprefix("sweep."), v) for k, v in tags.items() if k.startswith("sweep.")))
         result = Result(tags["stage"], tags.get("row", ""), tags.get("column", ""), int(tags.get("seed", 0)),
@@ -363,14 +364,15 @@ def tracking_of(p: Pipeline, stages: list[Stage]) -> tuple[bool, str]:
 def quickstart_numbers(results: list[Result]) -> dict[str, Any]:
     """The quickstart's five figures (means over seeds) and the same per seed."""
     def pick(rs: list[Result]) -> dict[str, float]:
-        by = {(r.kind, r.column if r.kind in ("student", "baseline") else ""): r.top1 for r in rs}
-        return {"teacher_normal": by.get(("teacher", ""), float("nan")),
-                "teacher_nasty": by.get(("nasty", ""), float("nan")),
-                "student_baseline": next((r.top1 for r in rs if r.kind == "baseline"), float("nan")),
-                "student_kd_normal": next((r.top1 for r in rs if r.kind == "student" and r.row in
-                                           {x.row for x in rs if x.kind == "teacher"}), float("nan")),
-                "student_kd_nasty": next((r.top1 for r in rs if r.kind == "student" and r.row in
-                                          {x.row for x in rs if x.kind == "nasty"}), float("nan"))}
+        rows = {kind: {r.row for r in rs if r.kind == kind} for kind in ("teacher", "nasty")}
+
+        def first(kind: str, row_kind: str = "") -> float:
+            return next((r.top1 for r in rs if r.kind == kind and (not row_kind or r.row in rows[row_kind])),
+                        float("nan"))
+
+        return {"teacher_normal": first("teacher"), "teacher_nasty": first("nasty"),
+                "student_baseline": first("baseline"), "student_kd_normal": first("student", "teacher"),
+                "student_kd_nasty": first("student", "nasty")}
 
     seeds = sorted({r.seed for r in results})
     per_seed = {str(s): pick([r for r in results if r.seed == s]) for s in seeds}

@@ -34,12 +34,21 @@ from nt_dist import __version__, checkpoint, preflight, rundir
 from nt_dist.checkpoint import TrainState
 from nt_dist.config import Recipe, flatten, load_recipe, recipe_to_dict
 from nt_dist.data import DataBundle, build_data
-from nt_dist.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_RUN_ERROR, EXIT_USER_ERROR, RunError, UserError, warn
+from nt_dist.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
+    EXIT_RUN_ERROR,
+    EXIT_USER_ERROR,
+    Preempted,
+    RunError,
+    UserError,
+    warn,
+)
 from nt_dist.frozen import FrozenNetwork, LogitCache, native_bf16
 from nt_dist.losses import kd_loss, nasty_teacher_loss
 from nt_dist.models import UnknownModelError, create_model
 from nt_dist.optim import build_optimizer, build_scheduler
-from nt_dist.ranks import Preempted, Preemption, agree, claim_folder, launched, on_every_rank, report
+from nt_dist.ranks import Preemption, agree, claim_folder, launched, on_every_rank, report
 from nt_dist.tracking import Tracker
 
 StepFn = Callable[..., dict[str, Tensor]]  # (model, images, labels, index=None, epoch=0) -> outputs
