@@ -275,8 +275,10 @@ def test_table1_shrunk_to_digits_runs_the_paper_pipeline_and_reports_every_cell(
 @pytest.mark.parametrize("sig,code,word", [(signal.SIGTERM, 75, "preempted"), (signal.SIGINT, 130, "interrupted")])
 def test_a_signal_stops_the_pipeline_at_the_running_stage_and_the_same_command_resumes(tmp_path: Path, sig, code,
                                                                                         word):
-    path = write_pipeline(tmp_path, set={**TINY, "run.epochs": 4, "run.checkpoint_every_steps": 3,
-                                         "tracking.enabled": False})
+    # the teacher runs long enough (30 epochs) that the signal lands in it on any machine
+    path = write_pipeline(tmp_path, set={**TINY, "run.checkpoint_every_steps": 3, "tracking.enabled": False},
+                          teachers={"CNN normal": {"recipe": str(RECIPES / "digits_teacher.yaml"),
+                                                   "set": {"run.epochs": 30}}})
     command = [NT_DIST, "pipeline", str(path), "--no-report"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     teacher = tmp_path / "runs/seed0/teacher/cnn-normal"
