@@ -8,7 +8,7 @@
                                             -m nt_dist.train RECIPE)
   nt-dist check RECIPE [--set k=v ...]      validate a recipe and print it resolved; trains nothing
   nt-dist data write-ffcv --dataset ...     write .beton files for the FFCV loader
-  nt-dist ui [--port 5000]                  the MLflow UI over the embedded store, on 127.0.0.1
+  nt-dist ui [--host H] [--port 5000]       the MLflow UI over the embedded store (default 127.0.0.1)
 
 User mistakes end in one line on stderr (``nt-dist: error: ...``) and exit code 2.
 """
@@ -38,7 +38,9 @@ from nt_dist.errors import (
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nt-dist", description="Nasty-teacher training on accelerate.")
+    parser = argparse.ArgumentParser(prog="nt-dist", description="Nasty-teacher training on accelerate.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # --version on one line
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     quick = sub.add_parser("quickstart", help="train normal/nasty teachers and three students on the embedded digits")
@@ -92,10 +94,29 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("action", choices=["write-ffcv"])
     data.add_argument("rest", nargs=argparse.REMAINDER)
 
-    ui = sub.add_parser("ui", help="MLflow UI over the embedded SQLite store (127.0.0.1)")
+    ui = sub.add_parser("ui", help="MLflow UI over the embedded SQLite store")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; "
+                    "an SSH tunnel to 127.0.0.1 is safer, see the README)")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--db", default="mlflow.db", help="SQLite file written by runs in this folder")
+    ui.add_argument("--jobs", action="store_true", help="also start MLflow's job runner (GenAI jobs; "
+                    "~2 GB and 8 processes more)")
     return parser
+
+
+def _version() -> str:
+    """nt_dist's version and those of the stack it runs on (read from package metadata: no imports)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from nt_dist import __version__
+
+    parts = []
+    for name in ("torch", "accelerate", "timm", "mlflow", "deepspeed", "ffcv"):
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} not installed")
+    return f"nt-dist {__version__} ({', '.join(parts)})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return write_ffcv_main(args.rest)
         elif args.command == "ui":
-            return ui(args.port, Path(args.db))
+            return ui(args.host, args.port, Path(args.db), args.jobs)
     except UserError as exc:
         error(str(exc))
         return EXIT_USER_ERROR
@@ -205,7 +226,7 @@ def _write_report(results: list[Any], name: str, paper: str, folder: Path, exper
     text, files = report.report(results, name, paper, folder)
     print("\n" + text)
     if uri:
-        run_id = report.log_to_mlflow(files, experiment, uri, name, paper)
+        run_id = report.log_to_mlflow(files, experiment, uri, name, paper, text)
         say(f"nt-dist report: {folder} (MLflow run {run_id})")
     else:
         say(f"nt-dist report: {folder}")
@@ -231,18 +252,45 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def ui(port: int, db: Path) -> int:
+def ui(host: str, port: int, db: Path, jobs: bool = False) -> int:
+    """``mlflow ui`` over a SQLite store: one worker, MLflow's job runner off (it starts 8
+    processes), run from the store's folder (artifact locations are relative to it)."""
+    from nt_dist.tracking import DEFAULT_ARTIFACTS, runs_page
+
     if not db.is_file():
         raise UserError(f"{db}: no MLflow store here yet (run nt-dist quickstart or a recipe first, "
                         "or pass --db)")
+    if not 0 < port < 65536:
+        raise UserError(f"--port: {port}: expected 1..65535")
+    folder = db.resolve().parent
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db.resolve()}",
-               "--default-artifact-root", (Path.cwd() / "mlartifacts").as_uri(),
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    print(f"MLflow UI on http://127.0.0.1:{port}  (Ctrl-C to stop)", file=sys.stderr)
+               "--default-artifact-root", (folder / DEFAULT_ARTIFACTS).as_uri(),
+               "--host", host, "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true" if jobs else "false"}
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    lines = [f"MLflow UI on http://{shown}:{port}  (Ctrl-C to stop)"]
+    for experiment_id, name in _experiments(db):
+        lines.append(f"  {name}: http://{shown}:{port}/{runs_page(experiment_id)}")
+    print("\n".join(lines), file=sys.stderr, flush=True)
     try:
-        return subprocess.call(command, env=os.environ.copy())
+        return subprocess.call(command, env=env, cwd=folder)
     except KeyboardInterrupt:
         return 0
+
+
+def _experiments(db: Path) -> list[tuple[str, str]]:
+    """(id, name) of the store's live experiments, read with sqlite3 (no MLflow import: the UI
+    starts in seconds); [] for a store this cannot read."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{db.resolve()}?mode=ro", uri=True, timeout=5) as connection:
+            rows = connection.execute("SELECT experiment_id, name FROM experiments WHERE lifecycle_stage = 'active' "
+                                      "AND name != 'Default' ORDER BY experiment_id").fetchall()
+        connection.close()
+    except sqlite3.Error:
+        return []
+    return [(str(i), str(n)) for i, n in rows]
 
 
 if __name__ == "__main__":

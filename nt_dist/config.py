@@ -50,7 +50,8 @@ class RunConfig:
     checkpoint_every_steps: int = Field(default=0, ge=0)  # 0: only at the end of each epoch
     keep_last: int = Field(default=2, ge=1, le=1000)  # complete checkpoints kept on disk
     max_steps: int = Field(default=0, ge=0)  # 0: no limit; >0 stops early (smoke tests)
-    progress: bool = True  # tqdm bar on rank 0
+    progress: bool = True  # tqdm bar on rank 0, on an interactive terminal only
+    description: str = ""  # MLflow run description (markdown); "": the recipe file's header comment
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -141,10 +142,13 @@ class TrackingConfig:
     """MLflow. ``uri`` empty: ``$MLFLOW_TRACKING_URI`` or the embedded SQLite store."""
 
     enabled: bool = True
-    experiment: str = "nt_dist"
+    experiment: str = ""  # "": named after the recipe file (recipes/digits_teacher.yaml -> digits_teacher)
     uri: str = ""
     run_name: str = ""  # "" : run.name
     timeout_s: float = Field(default=60.0, ge=0, le=3600)  # wait this long for MLflow at start and at the end
+    # MLflow's own system metrics (system/cpu_utilization_percentage, system/gpu_0_memory_usage_megabytes, ...)
+    system_metrics: bool = True
+    system_metrics_interval_s: float = Field(default=10.0, ge=0.1, le=3600)  # one sample logged per interval
     # extra MLflow tags; `nt-dist pipeline` sets table, row, column, seed, stage, sweep.<key>
     tags: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -201,7 +205,36 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
         raise UserError(f"{path}: a pipeline file, not a recipe: run it with nt-dist pipeline {path}")
     for item in overrides:
         _apply_override(tree, item, path)
+    _fill_from_file(tree, path, text)
     return recipe_from_dict(tree, source=str(path))
+
+
+def _fill_from_file(tree: dict[str, Any], path: Path, text: str) -> None:
+    """Defaults a recipe file gives itself: its MLflow experiment is named after the file, and
+    its header comment (the ``#`` lines before the first key) describes the run."""
+    for section, key, value in (("tracking", "experiment", path.stem), ("run", "description", header_comment(text))):
+        body = tree.setdefault(section, {})
+        if isinstance(body, dict) and not body.get(key) and value:
+            body[key] = value
+
+
+def header_comment(text: str) -> str:
+    """The comment block at the top of a YAML file, without its ``#`` marks (blank lines in it
+    separate paragraphs)."""
+    lines: list[str] = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            lines.append(stripped[1:].removeprefix(" ").rstrip())
+        elif stripped or lines:
+            break
+    paragraphs: list[list[str]] = [[]]
+    for line in lines:
+        if line:
+            paragraphs[-1].append(line)
+        else:
+            paragraphs.append([])
+    return "\n\n".join(" ".join(words) for words in paragraphs if words)
 
 
 def recipe_from_dict(tree: dict[str, Any], source: str = "<recipe>") -> Recipe:

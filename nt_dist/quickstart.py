@@ -60,7 +60,14 @@ def run_quickstart(out: Path, extra: list[str], fresh: bool = False, seeds: list
     print()
     print(report.markdown(table))
     print(verdict(numbers))
-    print(f"\nresults: {out / 'results.json'}   ({time.perf_counter() - started:.0f} s)")
+    text, files = report.report(results, spec.name, "", out / "report")
+    enabled, uri = report.tracking_of(spec, stages)
+    where = ""
+    if enabled:  # the table beside the runs: a run <name>/report with it as description and results_table.json
+        run_id = report.log_to_mlflow([*files, out / "results.json"], spec.experiment, uri, spec.name, "", text)
+        where = f"; MLflow run {spec.name}/report ({run_id}) in experiment {spec.experiment}"
+    print(f"\nresults: {out / 'results.json'}, report {out / 'report'}{where}   "
+          f"({time.perf_counter() - started:.0f} s)")
     return numbers
 
 

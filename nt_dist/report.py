@@ -328,21 +328,27 @@ def report(results: list[Result], name: str, paper: str, folder: Path) -> tuple[
     return text, files
 
 
-def log_to_mlflow(files: list[Path], experiment: str, uri: str, name: str, paper: str) -> str:
-    """One run ``<name>/report`` in ``experiment`` holding the report's files; returns its id."""
+def log_to_mlflow(files: list[Path], experiment: str, uri: str, name: str, paper: str, text: str = "") -> str:
+    """One run ``<name>/report`` in ``experiment`` holding the report's files, the cells as an
+    MLflow table (``results_table.json``: the UI's artifact view shows it as a table) and the
+    Markdown tables as the run's description; returns its id."""
     from mlflow.tracking import MlflowClient
 
-    from nt_dist.tracking import artifacts_beside
+    from nt_dist.tracking import ensure_experiment, log_artifact, log_table
 
     client = MlflowClient(tracking_uri=uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(
-        experiment, artifact_location=artifacts_beside(uri))  # where the training runs would put it
-    run = client.create_run(experiment_id, run_name=f"{name}/report",
-                            tags={"table": name, "stage": "report", "paper": paper})
+    experiment_id = ensure_experiment(client, experiment, uri)  # as the training runs would create it
+    tags = {"table": name, "stage": "report", "paper": paper, "role": "report"}
+    if text:
+        tags["mlflow.note.content"] = text
+    run = client.create_run(experiment_id, run_name=f"{name}/report", tags=tags)
     try:
         for path in files:
-            client.log_artifact(run.info.run_id, str(path), artifact_path="report")
+            log_artifact(client, uri, run.info.run_id, path, artifact_path="report")
+            if path.name == "report.csv":
+                rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
+                if rows:
+                    log_table(client, uri, run.info.run_id, rows, "results_table.json")
     except Exception:
         client.set_terminated(run.info.run_id, "FAILED")
         raise

@@ -47,7 +47,7 @@ RECIPE_FILE = "resolved_recipe.yaml"
 RESULTS_FILE = "metrics.json"
 LOG_FILE = "metrics.jsonl"
 LOCK_FILE = ".nt-dist.lock"
-MUTABLE = frozenset({"run.name", "run.output_dir", "run.resume", "run.progress", "run.max_steps",
+MUTABLE = frozenset({"run.name", "run.description", "run.output_dir", "run.resume", "run.progress", "run.max_steps",
                      "run.checkpoint_every_steps", "run.keep_last", "data.num_workers", "data.eval_batch_size",
                      "data.cache_dir"})
 EXTENSIBLE_SCHEDULES = ("constant", "multistep")

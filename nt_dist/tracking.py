@@ -12,7 +12,9 @@ working directory: MLflow 3 refuses its plain ``./mlruns`` file store. ``$MLFLOW
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import queue
 import threading
@@ -20,11 +22,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nt_dist.config import TrackingConfig
+from nt_dist import __version__
+from nt_dist.config import Recipe, TrackingConfig, flatten, recipe_to_dict
 from nt_dist.errors import warn
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
+DEFAULT_EXPERIMENT = "nt_dist"  # a recipe built in code, with no file to name the experiment after
+
+# the recipe sections a role uses, logged as params; the rest stays in resolved_recipe.yaml
+ROLE_SECTIONS = {"teacher": ("run", "data", "model", "optim"), "baseline": ("run", "data", "model", "optim"),
+                 "nasty": ("run", "data", "model", "optim", "nasty"),
+                 "student": ("run", "data", "model", "optim", "distill")}
+NOT_PARAMS = frozenset({"run.description"})  # the run's description (mlflow.note.content)
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -32,12 +42,167 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
 
 
+def store_folder(uri: str) -> Path | None:
+    """The folder of a SQLite store's database file; None for servers."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///")).resolve().parent
+
+
 def artifacts_beside(uri: str) -> str | None:
     """For a SQLite store, artifacts go to ``mlartifacts/`` beside the database file (what
     ``mlflow server --default-artifact-root`` would do); servers choose their own."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / DEFAULT_ARTIFACTS).as_uri()
+    folder = store_folder(uri)
+    return None if folder is None else (folder / DEFAULT_ARTIFACTS).as_uri()
+
+
+# The runs table of every experiment nt_dist creates, as a view the MLflow UI lists under
+# "Views" and opens from ?viewStateShareKey=nt-dist (an experiment tag the UI reads; MLflow 3
+# has no setting for an experiment's default columns).
+VIEW_KEY = "nt-dist"
+VIEW_COLUMNS = ("metrics.`test_top1`", "tags.`role`", "tags.`architecture`", "tags.`dataset`", "tags.`seed`",
+                "tags.`teacher_run_name`", "tags.`adversary_run_name`", "attributes.`Dataset`")
+
+
+def experiment_tags() -> dict[str, str]:
+    state = {"selectedColumns": list(VIEW_COLUMNS), "orderByKey": "attributes.start_time", "orderByAsc": False}
+    view = {"name": "nt-dist: score, role, lineage", "createdAt": int(time.time() * 1000), "state": json.dumps(state)}
+    return {f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(view)}
+
+
+def runs_page(experiment_id: str) -> str:
+    """The UI's address (after ``#``) of an experiment's runs table in nt_dist's view."""
+    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
+
+
+def ensure_experiment(client: Any, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created if needed with nt_dist's runs view and, for a
+    SQLite store, an artifact location relative to the store's folder (``mlartifacts/<id>``),
+    so that the folder holding ``mlflow.db`` and ``mlartifacts/`` can be moved."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if f"mlflow.sharedViewState.{VIEW_KEY}" not in found.tags:
+            for key, value in experiment_tags().items():
+                client.set_experiment_tag(found.experiment_id, key, value)
+        return found.experiment_id
+    try:
+        experiment_id = client.create_experiment(name, artifact_location=artifacts_beside(uri),
+                                                 tags=experiment_tags())
+    except Exception:  # noqa: BLE001 - another process created it first
+        return client.get_experiment_by_name(name).experiment_id
+    if store_folder(uri) is not None:
+        _relative_artifacts(Path(uri.removeprefix("sqlite:///")).resolve(), experiment_id)
+    return experiment_id
+
+
+def _relative_artifacts(database: Path, experiment_id: str) -> None:
+    """MLflow's store makes every artifact location absolute (against the cwd of the process
+    that creates the experiment); a relative one is read against the cwd of the reader, which
+    ``nt-dist ui`` and :func:`log_artifact` set to the store's folder. Set while the new
+    experiment has no run: a run's artifact URI is fixed when the run is created."""
+    import sqlite3
+
+    with sqlite3.connect(database, timeout=30) as connection:
+        connection.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ? AND NOT EXISTS "
+                           "(SELECT 1 FROM runs WHERE experiment_id = ?)",
+                           (f"{DEFAULT_ARTIFACTS}/{experiment_id}", int(experiment_id), int(experiment_id)))
+    connection.close()
+
+
+def log_artifact(client: Any, uri: str, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    """``client.log_artifact``, except that a run whose artifact URI is relative (see
+    :func:`ensure_experiment`) stores its files under the SQLite store's folder."""
+    artifact_uri = client.get_run(run_id).info.artifact_uri
+    folder = store_folder(uri)
+    if folder is not None and "://" not in artifact_uri and not artifact_uri.startswith(("/", "file:")):
+        from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+        LocalArtifactRepository(str(folder / artifact_uri)).log_artifact(str(path), artifact_path)
+    else:
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
+def log_table(client: Any, uri: str, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
+    """What ``MlflowClient.log_table`` writes (pandas' split-oriented JSON, and the tag that
+    makes the UI's artifact view draw it as a table), through :func:`log_artifact`."""
+    import tempfile
+
+    columns = list(rows[0]) if rows else []
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / artifact_file
+        path.write_text(json.dumps({"columns": columns, "data": [[r[c] for c in columns] for r in rows]}),
+                        encoding="utf-8")
+        log_artifact(client, uri, run_id, path)
+    client.set_tag(run_id, "mlflow.loggedArtifacts", json.dumps([{"path": artifact_file, "type": "table"}]))
+
+
+def run_params(recipe: Recipe) -> dict[str, Any]:
+    """The flattened recipe sections ``recipe.run.role`` uses: a teacher logs no ``nasty.*`` or
+    ``distill.*``, a baseline student no ``distill.*`` (their defaults were never used)."""
+    tree = recipe_to_dict(recipe)
+    used = flatten({section: tree[section] for section in ROLE_SECTIONS[recipe.run.role]})
+    return {key: value for key, value in used.items() if key not in NOT_PARAMS}
+
+
+def run_tags(recipe: Recipe, lineage: dict[str, str], source: str = "") -> dict[str, str]:
+    """What a run is, by name: role, data set, architecture, the runs it was trained from,
+    where its code came from, and its description (the recipe's header comment and lineage)."""
+    tags = {"role": recipe.run.role, "dataset": recipe.data.name, "architecture": recipe.model.name,
+            "nt_dist_version": __version__, "mlflow.runName": recipe.tracking.run_name or recipe.run.name,
+            "mlflow.source.type": "LOCAL", "mlflow.source.name": source or "nt_dist",
+            **source_tags(), **lineage, **recipe.tracking.tags}
+    try:
+        import getpass
+
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        pass
+    note = description(recipe, lineage)
+    if note:
+        tags["mlflow.note.content"] = note
+    return tags
+
+
+def description(recipe: Recipe, lineage: dict[str, str]) -> str:
+    """``run.description`` (by default the recipe file's header comment), then one line per
+    frozen network the run learned from, linking its run in the MLflow UI."""
+    lines = [recipe.run.description] if recipe.run.description else []
+    for kind, verb in (("adversary", "Adversary (f_A)"), ("teacher", "Distilled from")):
+        if f"{kind}_checkpoint" not in lineage:
+            continue
+        name = lineage.get(f"{kind}_run_name") or lineage.get(f"{kind}_run_id") or "an untracked run"
+        experiment, run_id = lineage.get(f"{kind}_experiment", ""), lineage.get(f"{kind}_run_id", "")
+        link = (f"[{name}](#/experiments/{lineage[f'{kind}_experiment_id']}/runs/{run_id})"
+                if run_id and lineage.get(f"{kind}_experiment_id") else name)
+        where = f" in experiment {experiment}" if experiment else ""
+        lines.append(f"{verb}: {link}{where} ({lineage.get(f'{kind}_architecture', '?')}, "
+                     f"`{lineage[f'{kind}_checkpoint']}`)")
+    return "\n\n".join(lines)
+
+
+def source_tags() -> dict[str, str]:
+    """The git commit of the nt_dist code, when it runs from a checkout (``pip install -e``);
+    ``source_git_dirty`` when tracked files differ from it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return {}
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    tags = {"mlflow.source.git.commit": commit}
+    if dirty:
+        tags["source_git_dirty"] = "true"
+    return tags
+
+
+def experiment_of(cfg: TrackingConfig) -> str:
+    return cfg.experiment or DEFAULT_EXPERIMENT
 
 
 class Tracker:
@@ -47,7 +212,9 @@ class Tracker:
         self.cfg, self.run_dir, self.active = cfg, run_dir, active
         self.flush_timeout = cfg.timeout_s
         self.run_id = ""
+        self.experiment_id = ""
         self._client: Any = None
+        self._monitor: Any = None  # MLflow's SystemMetricsMonitor
         self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue()
         self._pending: list[tuple[str, Any]] = []
         self._thread: threading.Thread | None = None
@@ -68,6 +235,9 @@ class Tracker:
             return ""
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # our closing line has it
+        for name in ("mlflow.store.db.utils", "mlflow.system_metrics", "alembic"):  # INFO chatter on stderr
+            logging.getLogger(name).setLevel(logging.WARNING)
         import mlflow.tracking  # noqa: F401 - imported here: the import is slow and is not an MLflow call
 
         # the client is built on the delivery thread: opening a store (SQLite schema migrations,
@@ -90,36 +260,46 @@ class Tracker:
 
         if not (resume_run_id and self._reopen(resume_run_id)):
             run = self._client.create_run(self._experiment_id(), run_name=run_name, tags=tags)
-            self.run_id = run.info.run_id
+            self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
             items = [Param(k, v) for k, v in params.items()]
             for i in range(0, len(items), 100):
                 self._client.log_batch(self.run_id, params=items[i:i + 100], synchronous=True)
         else:
             self.run_id = resume_run_id
         self._created.set()
+        self._start_system_metrics(resumed=self.run_id == resume_run_id)
+
+    def _start_system_metrics(self, resumed: bool) -> None:
+        """MLflow's monitor samples CPU, memory, disk, network (and GPUs, through NVML) on its
+        own thread and logs ``system/*`` metrics every ``system_metrics_interval_s``."""
+        if not self.cfg.system_metrics:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.cfg.system_metrics_interval_s,
+                                                 resume_logging=resumed, tracking_uri=tracking_uri(self.cfg))
+            self._monitor.start()
+        except Exception as exc:  # noqa: BLE001 - psutil missing, a server refusing: training goes on
+            warn(f"MLflow system metrics are off for this run: {exc}")
+            self._monitor = None
 
     def _reopen(self, run_id: str) -> bool:
         try:
             self._client.update_run(run_id, status="RUNNING")
+            self.experiment_id = self._client.get_run(run_id).info.experiment_id
             return True
         except Exception:  # noqa: BLE001 - the run lives in another store: start a new one
             return False
 
     def _experiment_id(self) -> str:
-        name = self.cfg.experiment
-        found = self._client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        location = artifacts_beside(tracking_uri(self.cfg))
-        try:
-            return self._client.create_experiment(name, artifact_location=location)
-        except Exception:  # noqa: BLE001 - another process created it first
-            return self._client.get_experiment_by_name(name).experiment_id
+        return ensure_experiment(self._client, experiment_of(self.cfg), tracking_uri(self.cfg))
 
     def finish(self, status: str = "FINISHED") -> None:
         """Deliver what is queued, then mark the run ``status`` (FINISHED, FAILED or KILLED)."""
         if not self.active or self._thread is None:
             return
+        self._stop_system_metrics()
         self._submit("status", status)
         self._queue.put(None)
         self._thread.join(self.flush_timeout)
@@ -132,6 +312,16 @@ class Tracker:
                     handle.write(json.dumps({"run_id": self.run_id, "kind": kind, "payload": payload}) + "\n")
             warn(f"MLflow did not accept {len(leftover)} tracking events; they are kept in {path}")
         self._thread = None
+
+    def _stop_system_metrics(self) -> None:
+        """Stop the monitor and deliver its last samples, for at most ``timeout_s``: its own
+        ``finish`` joins without a limit (minutes when the server has gone away)."""
+        if self._created.is_set() and self._monitor is not None:
+            stopper = threading.Thread(target=_last_sample, args=(self._monitor,), name="nt-dist-system-metrics",
+                                       daemon=True)
+            stopper.start()
+            stopper.join(self.flush_timeout)
+            self._monitor = None
 
     # ------------------------------------------------------------------ events
 
@@ -147,6 +337,11 @@ class Tracker:
     def log_artifact(self, path: Path) -> None:
         if self.active and self._thread is not None:
             self._submit("artifact", str(path))
+
+    def log_inputs(self, inputs: list[Any]) -> None:
+        """The data set splits a run read (``nt_dist.data.DataInput``), as MLflow dataset inputs."""
+        if self.active and self._thread is not None and inputs:
+            self._submit("inputs", [dataclasses.asdict(item) for item in inputs])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.active and self._thread is not None:
@@ -216,9 +411,30 @@ class Tracker:
         elif kind == "tags":
             client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in payload.items()], synchronous=True)
         elif kind == "artifact":
-            client.log_artifact(run_id, payload)
+            log_artifact(client, tracking_uri(self.cfg), run_id, Path(payload))
+        elif kind == "inputs":
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+            from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+            client.log_inputs(run_id, datasets=[
+                DatasetInput(Dataset(item["name"], item["digest"], "local", json.dumps({"uri": item["source"]}),
+                                     profile=json.dumps(item["profile"])),
+                             tags=[InputTag(MLFLOW_DATASET_CONTEXT, item["context"])]) for item in payload])
         elif kind == "status":
             client.set_terminated(run_id, status=payload)
+
+
+def _last_sample(monitor: Any) -> None:
+    """Stop MLflow's monitor, then log what it sampled since its last publication with one
+    more sample: its loop publishes only after whole intervals, so a run shorter than one
+    would have no system metrics at all."""
+    try:
+        monitor.finish()
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception:  # noqa: BLE001 - the run's end is what matters
+        pass
 
 
 def _param(value: Any) -> str:

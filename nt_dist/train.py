@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from nt_dist import __version__, checkpoint, preflight, rundir
 from nt_dist.checkpoint import TrainState
-from nt_dist.config import Recipe, flatten, load_recipe, recipe_to_dict
-from nt_dist.data import DataBundle, build_data
+from nt_dist.config import Recipe, load_recipe
+from nt_dist.data import DataBundle, build_data, data_inputs
 from nt_dist.errors import (
     EXIT_INTERRUPTED,
     EXIT_PREEMPTED,
@@ -49,7 +49,7 @@ from nt_dist.losses import kd_loss, nasty_teacher_loss
 from nt_dist.models import UnknownModelError, create_model
 from nt_dist.optim import build_optimizer, build_scheduler
 from nt_dist.ranks import Preemption, agree, claim_folder, launched, on_every_rank, report
-from nt_dist.tracking import Tracker
+from nt_dist.tracking import Tracker, experiment_of, run_params, run_tags, tracking_uri
 
 StepFn = Callable[..., dict[str, Tensor]]  # (model, images, labels, index=None, epoch=0) -> outputs
 Frozen = Callable[..., Tensor]  # (images, index=None, epoch=0) -> logits: a FrozenNetwork or a module
@@ -138,6 +138,8 @@ def build_accelerator(recipe: Recipe, source: str = "<recipe>") -> Any:
                         "its own BatchNorm running statistics (DDP and ZeRO broadcast them) and accelerate runs "
                         "FSDP on GPUs only; shard with cluster/deepspeed_zero3.yaml instead")
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if not cuda:  # DeepSpeed finds the CPU itself, but says so on stdout ("Setting accelerator to CPU")
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     backend = {"backend": "gloo"} if deepspeed and not cuda else {}
     handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=10), **backend)]
     return Accelerator(cpu=not cuda and not deepspeed, mixed_precision=precision,
@@ -181,7 +183,10 @@ def build_frozen(recipe: Recipe, num_classes: int, accelerator: Any, train_size:
     frozen = FrozenNetwork(network, cache, accelerator, precision)
     lineage = {f"{kind}_checkpoint": str(Path(path).resolve()),
                f"{kind}_architecture": meta.get("architecture", name),
-               f"{kind}_run_id": meta.get("mlflow_run_id", "")}
+               f"{kind}_run_id": meta.get("mlflow_run_id", ""),
+               f"{kind}_run_name": meta.get("mlflow_run_name", ""),
+               f"{kind}_experiment": meta.get("mlflow_experiment", ""),
+               f"{kind}_experiment_id": meta.get("mlflow_experiment_id", "")}
     if role == "nasty":
         step = partial(nasty_step, adversary=frozen, tau=recipe.nasty.tau, omega=recipe.nasty.omega)
     else:
@@ -232,6 +237,18 @@ def input_dtype(accelerator: Any) -> torch.dtype | None:
     if config.get("fp16", {}).get("enabled") is True:
         return torch.float16
     return None
+
+
+def _unwrapped(run: Run) -> nn.Module:
+    """The model without its DDP wrapper. ``accelerator.unwrap_model`` would import DeepSpeed
+    (1.2 s, and a warning on stdout) whenever it is installed, used or not; it is called only
+    under DeepSpeed."""
+    if under_deepspeed(run.accelerator):
+        return run.accelerator.unwrap_model(run.model)
+    from torch.nn.parallel import DistributedDataParallel
+
+    inner = getattr(run.model, "_orig_mod", run.model)  # torch.compile's wrapper
+    return inner.module if isinstance(inner, DistributedDataParallel) else run.model
 
 
 def under_deepspeed(accelerator: Any) -> bool:
@@ -439,8 +456,10 @@ def _progress(acc: Any, recipe: Recipe, steps: int, start: int, epoch: int) -> A
         return None
     from tqdm.auto import tqdm
 
+    # disable=None: tqdm draws only on an interactive terminal; piped (a file, SLURM's log) the
+    # per-epoch line of _print_epoch is all there is
     return tqdm(total=steps, initial=start, desc=f"{recipe.run.name} epoch {epoch + 1}/{recipe.run.epochs}",
-                dynamic_ncols=True, leave=False, file=sys.stderr)
+                dynamic_ncols=True, leave=False, file=sys.stderr, disable=None)
 
 
 @torch.no_grad()
@@ -448,7 +467,7 @@ def evaluate(run: Run) -> dict[str, float]:
     """Top-1/top-5 (percent) and CE over the evaluation split. Each rank scores a disjoint,
     unpadded shard; the sums are all-reduced, so every sample counts exactly once."""
     acc = run.accelerator
-    model = acc.unwrap_model(run.model)  # no DDP forward: shards may differ by one batch
+    model = _unwrapped(run)  # no DDP forward: shards may differ by one batch
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=acc.device)  # top1, top5, ce, count
     with torch.inference_mode():
@@ -473,19 +492,13 @@ def evaluate(run: Run) -> dict[str, float]:
 # ============================================================================ run
 
 
-def describe(recipe: Recipe) -> dict[str, str]:
-    """MLflow tags that make lineage visible in the UI."""
-    return {"role": recipe.run.role, "dataset": recipe.data.name, "architecture": recipe.model.name,
-            "nt_dist_version": __version__, "mlflow.runName": recipe.tracking.run_name or recipe.run.name,
-            **recipe.tracking.tags}
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """``peak_memory_mb``: the most device memory tensors held during the epoch (CUDA; the
+    counter is reset as each epoch starts). Nothing on CPU: there the process's memory is
+    in MLflow's system metrics (``system/system_memory_usage_megabytes``)."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20}
 
 
 def train(recipe: Recipe, source: str = "<recipe>") -> dict[str, float]:
@@ -499,13 +512,18 @@ def train(recipe: Recipe, source: str = "<recipe>") -> dict[str, float]:
     status = "FAILED"
     try:
         state = run.state
-        tags = {**describe(recipe), **run.lineage}
+        tags = run_tags(recipe, run.lineage, source)
+        resumed = bool(state.mlflow_run_id)
         state.mlflow_run_id = run.tracker.start(recipe.tracking.run_name or recipe.run.name,
-                                                flatten(recipe_to_dict(recipe)), tags, state.mlflow_run_id)
+                                                run_params(recipe), tags, state.mlflow_run_id)
+        if run.accelerator.is_main_process and recipe.tracking.enabled and not resumed:
+            run.tracker.log_inputs(data_inputs(recipe.data, run.data))
         run.preempt = Preemption()
         run.preempt.install()
         final = _loop(run)
         status = "FINISHED"
+        if run.accelerator.is_main_process:
+            _announce_done(run, final)
         return final
     except Preempted:
         save_checkpoint(run)
@@ -517,6 +535,29 @@ def train(recipe: Recipe, source: str = "<recipe>") -> dict[str, float]:
         run.tracker.finish(status)
         if run.lock is not None:
             run.lock.release()
+
+
+def _announce_done(run: Run, final: dict[str, float]) -> None:
+    """The closing line: the score, where the model went, which MLflow run holds it."""
+    recipe, tracker = run.recipe, run.tracker
+    model = run.output_dir / checkpoint.MODEL_FILE
+    print(f"[{recipe.run.name}] done: test_top1={final.get('test_top1', float('nan')):.2f}, model {model}; "
+          f"{mlflow_where(recipe, tracker.run_id, tracker.experiment_id)}", flush=True)
+
+
+def mlflow_where(recipe: Recipe, run_id: str, experiment_id: str) -> str:
+    """Where a run is in MLflow, as a user would open it."""
+    if not recipe.tracking.enabled:
+        return "MLflow off (tracking.enabled: false)"
+    if not run_id:
+        return f"MLflow did not answer (events kept in {Path(recipe.run.output_dir) / 'mlflow_undelivered.jsonl'})"
+    uri = tracking_uri(recipe.tracking)
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow run {run_id}: {uri.rstrip('/')}/{page}"
+    database = Path(uri.removeprefix("sqlite:///"))
+    command = "nt-dist ui" if database.resolve() == (Path.cwd() / "mlflow.db").resolve() else f"nt-dist ui --db {database}"
+    return f"MLflow run {run_id} in {experiment_of(recipe.tracking)} ({command}, then http://127.0.0.1:5000/{page})"
 
 
 def _announce_finished(recipe: Recipe, results: dict[str, Any]) -> None:
@@ -538,10 +579,11 @@ def _loop(run: Run) -> dict[str, float]:
     while state.epoch < recipe.run.epochs:
         epoch = state.epoch
         lr = run.optimizer.param_groups[0]["lr"]
+        if acc.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(acc.device)
         train_metrics = train_epoch(run, epoch)
         stopped_early = bool(recipe.run.max_steps) and state.global_step >= recipe.run.max_steps
-        metrics = {**train_metrics, **evaluate(run), "lr": lr, "epoch": epoch + 1,
-                   "peak_memory_mb": peak_memory_mb(acc.device)}
+        metrics = {**train_metrics, **evaluate(run), "lr": lr, "epoch": epoch + 1, **peak_memory(acc.device)}
         run.tracker.log_metrics(metrics, step=state.global_step)
         if acc.is_main_process:
             _print_epoch(recipe, epoch, metrics)
@@ -560,12 +602,17 @@ def _loop(run: Run) -> dict[str, float]:
 def finish(run: Run, metrics: dict[str, float]) -> None:
     """Model-only export, final metrics (their presence marks the run complete), artifacts."""
     acc, recipe = run.accelerator, run.recipe
-    state_dict = acc.get_state_dict(run.model)  # a collective under ZeRO-3; None off the main rank
+    # under DeepSpeed a collective (ZeRO-3 gathers the shards); None off the main rank
+    state_dict = acc.get_state_dict(run.model) if under_deepspeed(acc) else _unwrapped(run).state_dict()
     run.state.mlflow_run_id = run.tracker.run_id or run.state.mlflow_run_id
     if acc.is_main_process:
         meta = {"architecture": recipe.model.name, "num_classes": run.data.num_classes,
                 "role": recipe.run.role, "dataset": recipe.data.name, "image_size": recipe.data.image_size,
                 "mlflow_run_id": run.state.mlflow_run_id, "nt_dist_version": __version__,
+                # lineage by name: a run trained from this model names this run and its experiment
+                "mlflow_run_name": recipe.tracking.run_name or recipe.run.name,
+                "mlflow_experiment": experiment_of(recipe.tracking) if recipe.tracking.enabled else "",
+                "mlflow_experiment_id": run.tracker.experiment_id,
                 "test_top1": f"{metrics.get('test_top1', float('nan')):.4f}"}
         # torch.compile wraps the module: export the plain module's names
         plain = {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}

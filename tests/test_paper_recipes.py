@@ -98,6 +98,7 @@ def test_cifar10_has_both_omegas_and_nothing_else_differs():
         tree["nasty"].pop("omega")
         tree["run"].pop("name")
         tree["run"].pop("output_dir")
+        assert "ω" in tree["run"].pop("description")  # each file's header comment says which ω it has
     assert a == b
 
 

@@ -27,28 +27,21 @@ def run_of(out: Path) -> tuple[MlflowClient, object]:
     return client, client.get_run(run_id)
 
 
-def test_run_logs_params_metrics_tags_artifacts_and_lineage(tmp_path: Path):
-    teacher, nasty = tmp_path / "teacher", tmp_path / "nasty"
-    train(recipe("digits_teacher.yaml", teacher, "teacher"))
-    train(recipe("digits_nasty.yaml", nasty, "nasty", **{"nasty.adversary_checkpoint": str(teacher)}))
-    client, t_run = run_of(teacher)
-    _, n_run = run_of(nasty)
-    for run, role in ((t_run, "teacher"), (n_run, "nasty")):
-        assert run.info.status == "FINISHED"
-        assert run.data.tags["role"] == role and run.data.tags["dataset"] == "digits"
-        assert run.data.tags["architecture"] == "cifar_cnn"
-        assert run.data.params["run.role"] == role and run.data.params["data.name"] == "digits"
-        for key in ("train_loss", "train_ce", "test_top1", "test_top5", "lr", "images_per_s",
-                    "epoch_time_s", "peak_memory_mb"):
-            assert key in run.data.metrics, key
-        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"resolved_recipe.yaml", "model.safetensors", "metrics.json"} <= artifacts
-    assert n_run.data.params["nasty.omega"] == "0.05"
-    assert "train_kl" in n_run.data.metrics
-    # lineage: the nasty teacher's run names the run that produced its adversary
-    assert n_run.data.tags["adversary_run_id"] == t_run.info.run_id
-    assert n_run.data.tags["adversary_checkpoint"] == str(teacher.resolve())
-    history = client.get_metric_history(t_run.info.run_id, "test_top1")
+def test_run_logs_metrics_and_artifacts_to_the_local_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import os
+
+    out = tmp_path / "teacher"
+    train(recipe("digits_teacher.yaml", out, "teacher"))
+    # artifact locations are relative to the store's folder: MLflow's client reads them from there
+    monkeypatch.chdir(Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")).parent)
+    client, run = run_of(out)
+    assert run.info.status == "FINISHED"
+    for key in ("train_loss", "train_ce", "test_top1", "test_top5", "lr", "images_per_s", "epoch_time_s"):
+        assert key in run.data.metrics, key
+    assert "peak_memory_mb" not in run.data.metrics  # device memory: logged on a GPU only
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"resolved_recipe.yaml", "model.safetensors",
+                                                                       "metrics.json"}
+    history = client.get_metric_history(run.info.run_id, "test_top1")
     assert [m.step for m in history] == [8]
 
 
@@ -113,3 +106,159 @@ def test_training_logs_to_a_real_server(tmp_path: Path, mlflow_server: str):
     assert metrics["test_top1"] == pytest.approx(summary["final"]["test_top1"])
     with urllib.request.urlopen(f"{mlflow_server}/", timeout=10) as response:  # the UI page
         assert response.status == 200
+
+
+# ---------------------------------------------------------------- read back through a real server
+
+
+def test_runs_read_back_through_a_server_log_what_their_role_used(tmp_path: Path, mlflow_server: str):
+    """Four roles, each logged to a real server and read back over HTTP: params of the sections
+    the role uses, lineage by run name with a link in the description, the data set inputs,
+    MLflow's system metrics, the source commit, the experiment's runs view."""
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    common = {"tracking.uri": mlflow_server, "tracking.experiment": "lineage",
+              "tracking.system_metrics_interval_s": "0.2"}
+    folders = {role: tmp_path / role for role in ("teacher", "nasty", "baseline", "student")}
+    train(recipe("digits_teacher.yaml", folders["teacher"], "teacher", **common))
+    train(recipe("digits_nasty.yaml", folders["nasty"], "nasty", **common,
+                 **{"nasty.adversary_checkpoint": str(folders["teacher"])}))
+    train(recipe("digits_student.yaml", folders["baseline"], "baseline", **common))
+    train(recipe("digits_student.yaml", folders["student"], "student", **common,
+                 **{"distill.teacher_checkpoint": str(folders["nasty"])}))
+    client = MlflowClient(tracking_uri=mlflow_server)
+    runs = {role: client.get_run(json.loads((folder / "metrics.json").read_text())["mlflow_run_id"])
+            for role, folder in folders.items()}
+    experiment = client.get_experiment_by_name("lineage")
+
+    sections = {role: {key.split(".")[0] for key in run.data.params} for role, run in runs.items()}
+    assert sections == {"teacher": {"run", "data", "model", "optim"}, "baseline": {"run", "data", "model", "optim"},
+                        "nasty": {"run", "data", "model", "optim", "nasty"},
+                        "student": {"run", "data", "model", "optim", "distill"}}
+    assert runs["nasty"].data.params["nasty.omega"] == "0.05" and runs["student"].data.params["distill.tau"] == "8.0"
+    assert "run.description" not in runs["teacher"].data.params
+
+    nasty_tags, student_tags = runs["nasty"].data.tags, runs["student"].data.tags
+    teacher_id = runs["teacher"].info.run_id
+    assert (nasty_tags["adversary_run_name"], nasty_tags["adversary_run_id"]) == ("test_teacher", teacher_id)
+    assert nasty_tags["adversary_experiment"] == "lineage"
+    assert (student_tags["teacher_run_name"], student_tags["teacher_experiment"]) == ("test_nasty", "lineage")
+    assert "teacher_run_name" not in runs["baseline"].data.tags
+    note = nasty_tags["mlflow.note.content"]
+    assert note.startswith("Nasty teacher")  # recipes/digits_nasty.yaml's header comment
+    assert f"[test_teacher](#/experiments/{experiment.experiment_id}/runs/{teacher_id}) in experiment lineage" in note
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # the suite runs from a checkout
+        assert runs["teacher"].data.tags["mlflow.source.git.commit"] == head.stdout.strip()
+
+    for role, run in runs.items():
+        inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+        assert set(inputs) == {"digits-train", "digits-test"}, role
+        train_input = inputs["digits-train"]
+        assert json.loads(train_input.dataset.profile)["images"] == 256  # data.train_subset
+        assert [(t.key, t.value) for t in train_input.tags] == [("mlflow.data.context", "train")]
+        assert len(train_input.dataset.digest) == 16
+        assert "system/cpu_utilization_percentage" in run.data.metrics, role
+        assert "system/system_memory_usage_megabytes" in run.data.metrics, role
+    digests = {run.inputs.dataset_inputs[0].dataset.digest for run in runs.values()}
+    assert len(digests) == 1  # the same pixels: the same digest
+
+    view = json.loads(experiment.tags["mlflow.sharedViewState.nt-dist"])
+    assert "metrics.`test_top1`" in json.loads(view["state"])["selectedColumns"]
+
+
+def test_a_report_run_holds_the_table_as_artifact_and_description(tmp_path: Path, mlflow_server: str):
+    from mlflow.tracking import MlflowClient
+
+    from nt_dist import report
+
+    table = tmp_path / "report.csv"
+    table.write_text("row,column,mean\nnormal,mlp,97.5\nnasty,mlp,92.1\n")
+    run_id = report.log_to_mlflow([table], "reports", mlflow_server, "tiny", "", "| row | mlp |\n|---|---|")
+    run = MlflowClient(tracking_uri=mlflow_server).get_run(run_id)
+    assert run.data.tags["mlflow.note.content"] == "| row | mlp |\n|---|---|"
+    assert json.loads(run.data.tags["mlflow.loggedArtifacts"]) == [{"path": "results_table.json", "type": "table"}]
+    with urllib.request.urlopen(f"{mlflow_server}/get-artifact?path=results_table.json&run_uuid={run_id}",
+                                timeout=10) as response:
+        assert json.loads(response.read()) == {"columns": ["row", "column", "mean"],
+                                               "data": [["normal", "mlp", "97.5"], ["nasty", "mlp", "92.1"]]}
+
+
+def test_a_moved_store_keeps_its_artifacts_in_the_ui(tmp_path: Path):
+    """Runs logged to ./mlflow.db, the folder moved, then `nt-dist ui` on the new place: the
+    artifacts are found (their locations are relative to the store), the UI starts without
+    MLflow's job runner and prints each experiment's runs view."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    first.mkdir()
+    out = first / "runs" / "teacher"
+    train(recipe("digits_teacher.yaml", out, "teacher", **{"tracking.uri": f"sqlite:///{first / 'mlflow.db'}",
+                                                          "tracking.experiment": "portable"}))
+    run_id = json.loads((out / "metrics.json").read_text())["mlflow_run_id"]
+    expected = (out / "metrics.json").read_bytes()
+    shutil.move(first, moved)
+
+    port = free_port()
+    log = tmp_path / "ui.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("nt-dist")), "ui", "--port", str(port)],
+                                cwd=moved, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, body = time.time() + 120, None
+        while time.time() < deadline and body is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/get-artifact?path=metrics.json&run_uuid={run_id}",
+                                            timeout=5) as response:
+                    body = response.read()
+            except OSError:
+                assert proc.poll() is None, log.read_text()
+                time.sleep(0.5)
+        assert body == expected
+        processes = psutil.Process(proc.pid).children(recursive=True)
+        commands = [" ".join(p.cmdline()) for p in processes]
+        assert not any("huey" in c or "_job_runner" in c for c in commands), commands
+        assert len(processes) <= 2, commands  # the mlflow CLI and its one uvicorn worker
+        printed = log.read_text()
+        assert f"MLflow UI on http://127.0.0.1:{port}" in printed
+        assert (f"portable: http://127.0.0.1:{port}/#/experiments/1/runs?viewStateShareKey=nt-dist"
+                "&workflowType=machine_learning") in printed
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_nt_dist_train_piped_writes_epoch_lines_and_a_closing_line(tmp_path: Path):
+    """What a SLURM log or `| tee` receives: no progress-bar frames, no third-party warnings,
+    one line per epoch, and where the model and the MLflow run went. The experiment is named
+    after the recipe file."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    overrides = [o for o in tiny_overrides(tmp_path / "piped") if not o.startswith("tracking.experiment=")]
+    overrides = [o.replace("run.progress=false", "run.progress=true") for o in overrides]
+    proc = subprocess.run([str(Path(sys.executable).with_name("nt-dist")), "train", str(RECIPES / "digits_teacher.yaml"),
+                           *sum((["--set", o] for o in overrides), [])], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\r" not in proc.stdout + proc.stderr
+    assert "WARNING" not in proc.stdout + proc.stderr and "Setting accelerator" not in proc.stdout
+    lines = proc.stdout.splitlines()
+    assert [line.split()[2] for line in lines if " epoch " in line] == ["1/2", "2/2"]
+    run_id = json.loads((tmp_path / "piped" / "metrics.json").read_text())["mlflow_run_id"]
+    closing = re.fullmatch(r"\[test_teacher\] done: test_top1=\d+\.\d\d, model (\S+); MLflow run (\w+) in "
+                           r"digits_teacher \(nt-dist ui, then http://127\.0\.0\.1:5000/#/experiments/(\d+)/runs/(\w+)\)",
+                           lines[-1])
+    assert closing, lines[-1]
+    assert Path(closing[1]) == tmp_path / "piped" / "model.safetensors" and closing[2] == closing[4] == run_id

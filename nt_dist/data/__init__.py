@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -50,6 +51,65 @@ class DataBundle:
     eval: EvalSource
     num_classes: int
     train_size: int
+    # what the splits were read from (datasets of build_dataset, or .beton files), for data_inputs
+    sources: tuple[Any, Any] = ()
+    eval_size: int = 0
+
+
+@dataclass(frozen=True)
+class DataInput:
+    """One split as an MLflow dataset input: what it is and a digest of what was read."""
+
+    name: str
+    digest: str
+    source: str
+    profile: dict[str, Any]
+    context: str  # train | eval
+
+
+def data_inputs(cfg: DataConfig, bundle: DataBundle) -> list[DataInput]:
+    """The training and evaluation splits a run read, with a digest of their contents: the
+    pixels and labels of in-memory data sets (digits, CIFAR), the relative path, size and label
+    of every image file of a folder layout, the size and first MiB of a .beton file."""
+    splits = SPLITS.get(cfg.name, ("train", "val"))
+    if bundle.sources and isinstance(bundle.sources[0], Path):
+        source = str(Path(cfg.ffcv_dir).resolve())
+    elif cfg.root:
+        source = str(Path(cfg.root).resolve())
+    else:
+        source = "nt_dist package data (scikit-learn digits)"
+    inputs = []
+    for split, base, size, context in zip(splits, bundle.sources, (bundle.train_size, bundle.eval_size),
+                                          ("train", "eval"), strict=False):
+        profile = {"split": split, "images": size, "classes": bundle.num_classes, "image_size": cfg.image_size}
+        if context == "train" and cfg.train_subset:
+            profile["train_subset"] = cfg.train_subset
+        inputs.append(DataInput(f"{cfg.name}-{split}", _digest(base, cfg.root), source, profile, context))
+    return inputs
+
+
+def _digest(base: Any, root: str) -> str:
+    import hashlib
+    import os
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    if isinstance(base, Path):  # a .beton file: its size and first MiB (they hold the header and index)
+        with base.open("rb") as handle:
+            digest.update(f"{base.stat().st_size}".encode())
+            digest.update(handle.read(1 << 20))
+    elif hasattr(base, "images"):  # digits, CIFAR: arrays in memory
+        images = np.ascontiguousarray(base.images)
+        digest.update(f"{images.shape}{images.dtype}".encode())
+        digest.update(memoryview(images).cast("B"))
+        digest.update(np.asarray(base.targets, dtype=np.int64).tobytes())
+    else:  # image files: where they sit under data.root, their size and label (not their mtime: a copy keeps it)
+        top = Path(root).resolve() if root else Path("/")
+        for path, label in base.samples:
+            relative = os.path.relpath(Path(path).resolve(), top)
+            digest.update(f"{relative}\0{os.stat(path).st_size}\0{label}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def build_dataset(name: str, root: str, split: str) -> Any:
@@ -98,6 +158,7 @@ def build_data(cfg: DataConfig, seed: int, rank: int, world: int, device: torch.
     for split in (train_base, eval_base):
         if hasattr(split, "check"):  # image files: find unreadable ones before the first step
             split.check(rank, world)
+    sources = (train_base, eval_base)
     if cfg.train_subset:
         train_base = _Subset(train_base, cfg.train_subset)
     train = SeededTransformDataset(
@@ -110,6 +171,8 @@ def build_data(cfg: DataConfig, seed: int, rank: int, world: int, device: torch.
         eval=TorchEvalSource(evaluation, cfg.name, cfg.eval_batch_size, rank, world, cfg.num_workers, device),
         num_classes=num_classes_of(train_base),
         train_size=len(train),
+        sources=sources,
+        eval_size=len(evaluation),
     )
 
 
@@ -143,7 +206,8 @@ def _device_data(cfg: DataConfig, seed: int, rank: int, world: int, device: torc
     entries = device_loader.entries(cfg, train_base, eval_base, train_split, eval_split)
     train, evaluation = device_loader.build_device_data(cfg, seed, rank, world, device, train_base, eval_base,
                                                         *entries)
-    return DataBundle(train=train, eval=evaluation, num_classes=num_classes_of(train_base), train_size=train_size)
+    return DataBundle(train=train, eval=evaluation, num_classes=num_classes_of(train_base), train_size=train_size,
+                      sources=(train_base, eval_base), eval_size=len(eval_base))
 
 
 class _Subset:

@@ -86,7 +86,8 @@ def build_ffcv_data(cfg: DataConfig, seed: int, rank: int, world: int, device: t
                         order=OrderOption.SEQUENTIAL, drop_last=False, indices=np.arange(rank, eval_size, world),
                         pipelines=_pipelines(cfg, device, train=False))
     return DataBundle(train=FfcvTrainSource(train, finish), eval=FfcvEvalSource(evaluation, eval_size, finish),
-                      num_classes=int(summary["num_classes"]), train_size=train_size)
+                      num_classes=int(summary["num_classes"]), train_size=train_size,
+                      sources=(train_path, eval_path), eval_size=eval_size)
 
 
 class FfcvTrainSource:
