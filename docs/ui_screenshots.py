@@ -27,6 +27,22 @@ from playwright.sync_api import Page, sync_playwright
 
 VIEW_KEY = "nt-dist"  # shared view stored by `nt-dist` as an experiment tag
 
+# Params and tags are <table>s that scroll inside a 500px box.
+UNCLAMP_TABLES_CSS = (
+    "table.mlflow-compare-table { height: auto !important; max-height: none !important; }"
+)
+# Metrics are a react-virtualized grid of fixed (300px) height: grow the grid
+# and the wrappers of the same height to the height of all rows.
+UNCLAMP_METRICS_GRID_JS = """() => {
+  for (const grid of document.querySelectorAll('.ReactVirtualized__Grid')) {
+    const full = grid.firstElementChild.scrollHeight, shown = grid.clientHeight;
+    for (let e = grid; e && e.clientHeight === shown; e = e.parentElement) {
+      e.style.setProperty('height', full + 'px', 'important');
+      e.style.setProperty('max-height', 'none', 'important');
+    }
+  }
+}"""
+
 
 def seed_run_ids(base: str, experiment_id: str, seed: str = "0") -> list[str]:
     """Run ids of the runs tagged seed=<seed>, via the REST API."""
@@ -46,6 +62,25 @@ def seed_run_ids(base: str, experiment_id: str, seed: str = "0") -> list[str]:
         runs = json.load(resp).get("runs", [])
     runs.sort(key=lambda r: r["info"]["run_name"])
     return [r["info"]["run_id"] for r in runs]
+
+
+# Runs-table columns (header text) to widen by dragging, in pixels.
+WIDEN_COLUMNS = {"Run Name": 130, "teacher_run_name": 150, "adversary_run_name": 150}
+
+
+def widen_column(page: Page, header: str, extra: int) -> None:
+    """Drag the resize handle of a runs-table column `extra` px to the right."""
+    cell = page.locator(".ag-header-cell", has_text=header).first
+    if not cell.count():
+        return
+    box = cell.locator(".ag-header-cell-resize").bounding_box()
+    if box is None:
+        return
+    x, y = box["x"] + 2, box["y"] + box["height"] / 2  # its right half overlaps the next header
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + extra, y, steps=10)
+    page.mouse.up()
 
 
 def dismiss_popups(page: Page) -> None:
@@ -95,8 +130,22 @@ def main() -> None:
         page.wait_for_selector(".ag-row", timeout=60_000)
         page.wait_for_timeout(3000)  # the UI polls, so no "networkidle"
         dismiss_popups(page)
+        # Make the run names and the lineage tags readable: in a window wide
+        # enough that every column is rendered, widen some columns, then
+        # shrink the window to the right edge of the last column.
+        page.set_viewport_size({"width": args.width + 1200, "height": args.height})
+        page.wait_for_timeout(1000)
+        for column, extra in WIDEN_COLUMNS.items():
+            widen_column(page, column, extra)
         page.wait_for_timeout(500)
+        right = page.evaluate(
+            "() => Math.max(...[...document.querySelectorAll('.ag-header-cell')]"
+            ".map(e => e.getBoundingClientRect().right))"
+        )
+        page.set_viewport_size({"width": max(args.width, int(right) + 40), "height": args.height})
+        page.wait_for_timeout(1000)
         page.screenshot(path=str(args.out_dir / "mlflow_runs.png"))
+        page.set_viewport_size({"width": args.width, "height": args.height})
 
         # (b) Compare view of the seed-0 runs.
         ids = seed_run_ids(base, exp)
@@ -104,11 +153,24 @@ def main() -> None:
             {"runs": json.dumps(ids), "experiments": json.dumps([exp])}
         )
         page.goto(f"{base}/#/compare-runs?{query}")
-        page.wait_for_selector("text=Parameters", timeout=60_000)
-        page.wait_for_timeout(3000)  # the UI polls, so no "networkidle"
+        page.wait_for_selector("table.mlflow-compare-table", timeout=60_000)
+        page.wait_for_timeout(3000)
         dismiss_popups(page)
-        page.wait_for_timeout(500)
-        page.screenshot(path=str(args.out_dir / "mlflow_compare.png"), full_page=True)
+        # Keep the screenshot about the params/metrics/tags tables: fold the
+        # plot and artifact sections, show only the params/tags that differ.
+        for section in ("Visualizations", "Artifacts"):
+            page.locator(".du-bois-light-collapse-header", has_text=section).first.click()
+        for table in ("Parameters", "Tags"):
+            page.get_by_role("switch", name=f"{table} - Show diff only").click()
+        # The tables scroll inside fixed-height boxes; unclamp them and make
+        # the window as tall as the (scrolling) main panel so all rows show.
+        page.add_style_tag(content=UNCLAMP_TABLES_CSS)
+        page.evaluate(UNCLAMP_METRICS_GRID_JS)
+        page.wait_for_timeout(1000)
+        height = page.evaluate("document.querySelector('main').scrollHeight")
+        page.set_viewport_size({"width": args.width, "height": height + 40})
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(args.out_dir / "mlflow_compare.png"))
 
         browser.close()
     for name in ("mlflow_runs.png", "mlflow_compare.png"):

@@ -125,3 +125,21 @@ def test_the_readme_lists_every_recipe_key():
     for name, cls in typing.get_type_hints(Recipe).items():
         missing = [f.name for f in dataclasses.fields(cls) if f"`{f.name}`" not in rows.get(name, "")]
         assert not missing, f"README recipe table, section {name}: {missing}"
+
+
+def test_a_recipe_file_names_its_experiment_and_describes_its_run(tmp_path: Path):
+    from nt_dist.config import header_comment
+    from nt_dist.tracking import experiment_of
+
+    teacher = load_recipe(REPO / "recipes" / "digits_teacher.yaml")
+    assert teacher.tracking.experiment == "digits_teacher"
+    assert teacher.run.description.startswith("Normal teacher on the embedded digits (scikit-learn's 1,797")
+    told = load_recipe(REPO / "recipes" / "digits_teacher.yaml",
+                       ["tracking.experiment=mine", "run.description=what this run tests"])
+    assert (told.tracking.experiment, told.run.description) == ("mine", "what this run tests")
+    assert header_comment("\n# one\n#   two\n#\n# three\nrun: {}\n# not this\n") == "one   two\n\nthree"
+    assert header_comment("run: {}\n") == ""
+    path = tmp_path / "bare.yaml"
+    path.write_text("run: {epochs: 2}\n")
+    assert (load_recipe(path).tracking.experiment, load_recipe(path).run.description) == ("bare", "")
+    assert experiment_of(recipe_from_dict({}).tracking) == "nt_dist"  # built in code: no file to name it after
