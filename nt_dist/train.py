@@ -513,10 +513,9 @@ def train(recipe: Recipe, source: str = "<recipe>") -> dict[str, float]:
     try:
         state = run.state
         tags = run_tags(recipe, run.lineage, source)
-        resumed = bool(state.mlflow_run_id)
         state.mlflow_run_id = run.tracker.start(recipe.tracking.run_name or recipe.run.name,
                                                 run_params(recipe), tags, state.mlflow_run_id)
-        if run.accelerator.is_main_process and recipe.tracking.enabled and not resumed:
+        if run.accelerator.is_main_process and recipe.tracking.enabled:  # a resumed run's are kept once
             run.tracker.log_inputs(data_inputs(recipe.data, run.data))
         run.preempt = Preemption()
         run.preempt.install()

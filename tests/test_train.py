@@ -51,6 +51,7 @@ def test_every_role_leaves_a_complete_run_folder(chain: dict[str, Path], role: s
         meta = handle.metadata()
     assert meta["role"] == role and meta["num_classes"] == "10" and meta["dataset"] == "digits"
     assert meta["architecture"] == ("mlp" if role in ("student", "baseline") else "cifar_cnn")
+    assert (meta["mlflow_run_name"], meta["mlflow_experiment"]) == (f"test_{role}", "tests")  # lineage by name
     checkpoints = sorted((out / "checkpoints").iterdir())
     assert [p.name for p in checkpoints] == ["step_000000008", "step_000000016"]  # keep_last = 2
 
@@ -62,7 +63,8 @@ def test_epoch_metrics_carry_loss_parts(chain: dict[str, Path], role: str, parts
     assert [e["epoch"] for e in epochs] == [1, 2]
     for e in epochs:
         assert {f"train_{p}" for p in parts | {"loss"}} <= set(e)
-        assert e["images_per_s"] > 0 and e["epoch_time_s"] > 0 and e["peak_memory_mb"] > 0
+        assert e["images_per_s"] > 0 and e["epoch_time_s"] > 0
+        assert "peak_memory_mb" not in e  # device memory, logged on a GPU only
     if role == "nasty":  # loss = ce - omega * tau^2 * kl, with the recipe's omega=0.05, tau=8
         e = epochs[-1]
         assert e["train_loss"] == pytest.approx(e["train_ce"] - 0.05 * 64 * e["train_kl"], rel=1e-4, abs=1e-5)
