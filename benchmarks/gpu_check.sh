@@ -107,6 +107,8 @@ step compile "flagship with model.compile=true, device loader" \
   "$PY" benchmarks/e2e_throughput.py "${E2E[@]}" --root "$DATA" --batch $B1 --precision $PREC --loaders device --set model.compile=true --label compile "${BENCH[@]}"
 step quickstart "nt-dist quickstart (digits, five runs)" \
   "$PY" -m nt_dist.cli quickstart --out "$OUT/quickstart" --fresh "${TRACK[@]}" "${QUICK[@]}"
+step tracking "peak_memory_mb per epoch and MLflow's system metrics (GPU: system/gpu_0_*) of the quickstart's teacher" \
+  "$PY" benchmarks/tracking_check.py "$OUT/quickstart/seed0/teacher/cifar-cnn-normal"
 
 device=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU (CPU)')")
 versions=$("$PY" -c "import torch, timm, accelerate; print(f'torch {torch.__version__}, timm {timm.__version__}, accelerate {accelerate.__version__}')")

@@ -55,10 +55,11 @@ def test_gpu_check_runs_every_step_with_tiny_sizes(tmp_path):
     summary = (out / "summary.md").read_text()
     assert proc.returncode == 0, summary + proc.stderr[-2000:]
     assert proc.stdout.strip() == summary.strip()
-    for step in ("data", "step32", "step64", "e2e_b8", "e2e_b16", "zero2", "compile", "quickstart"):
+    for step in ("data", "step32", "step64", "e2e_b8", "e2e_b16", "zero2", "compile", "quickstart", "tracking"):
         assert f"| {step} | " in summary and f"### {step}: " in summary, step
     rows = [line for line in summary.splitlines() if line.startswith("| ") and " | ok | " in line]
-    assert len(rows) == 8, summary
+    assert len(rows) == 9, summary
+    assert "| peak_memory_mb per epoch | - |" in summary  # a CPU: device memory is not logged
     assert summary.count("end-to-end/step-only (device loader): ") == 4
     for loader, role in (("device", "teacher"), ("device", "nasty"), ("torch", "teacher"), ("torch", "nasty")):
         assert f"| {loader} | {role} | " in summary
