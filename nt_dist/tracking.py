@@ -81,9 +81,12 @@ def ensure_experiment(client: Any, name: str, uri: str) -> str:
     so that the folder holding ``mlflow.db`` and ``mlartifacts/`` can be moved."""
     found = client.get_experiment_by_name(name)
     if found is not None:
-        if f"mlflow.sharedViewState.{VIEW_KEY}" not in found.tags:
-            for key, value in experiment_tags().items():
-                client.set_experiment_tag(found.experiment_id, key, value)
+        if f"mlflow.sharedViewState.{VIEW_KEY}" not in found.tags:  # made before nt_dist 0.1's view
+            try:
+                for key, value in experiment_tags().items():
+                    client.set_experiment_tag(found.experiment_id, key, value)
+            except Exception:  # noqa: BLE001 - a view is a convenience: a server may refuse tags
+                pass
         return found.experiment_id
     try:
         experiment_id = client.create_experiment(name, artifact_location=artifacts_beside(uri),
