@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -20,8 +19,12 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_folder", type=Path)
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}"))
+    parser.add_argument("--tracking-uri", default=None, help="default: as a run resolves it (tracking_uri)")
     args = parser.parse_args(argv)
+    from nt_dist.config import TrackingConfig
+    from nt_dist.tracking import tracking_uri
+
+    uri = args.tracking_uri or tracking_uri(TrackingConfig())
     import torch
 
     gpu = torch.cuda.is_available()
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary.get("mlflow_run_id"):
         from mlflow.tracking import MlflowClient
 
-        metrics = MlflowClient(tracking_uri=args.tracking_uri).get_run(summary["mlflow_run_id"]).data.metrics
+        metrics = MlflowClient(tracking_uri=uri).get_run(summary["mlflow_run_id"]).data.metrics
         system = sorted(k for k in metrics if k.startswith("system/"))
         print(f"| MLflow system metrics | {', '.join(k.removeprefix('system/') for k in system)} |")
         wanted = ["system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"]

@@ -42,11 +42,17 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
 
 
-def store_folder(uri: str) -> Path | None:
-    """The folder of a SQLite store's database file; None for servers."""
+def store_file(uri: str) -> Path | None:
+    """A SQLite store's database file (absolute); None for servers."""
     if not uri.startswith("sqlite:///"):
         return None
-    return Path(uri.removeprefix("sqlite:///")).resolve().parent
+    return Path(uri.removeprefix("sqlite:///")).resolve()
+
+
+def store_folder(uri: str) -> Path | None:
+    """The folder of a SQLite store's database file; None for servers."""
+    database = store_file(uri)
+    return None if database is None else database.parent
 
 
 def artifacts_beside(uri: str) -> str | None:
@@ -93,8 +99,9 @@ def ensure_experiment(client: Any, name: str, uri: str) -> str:
                                                  tags=experiment_tags())
     except Exception:  # noqa: BLE001 - another process created it first
         return client.get_experiment_by_name(name).experiment_id
-    if store_folder(uri) is not None:
-        _relative_artifacts(Path(uri.removeprefix("sqlite:///")).resolve(), experiment_id)
+    database = store_file(uri)
+    if database is not None:
+        _relative_artifacts(database, experiment_id)
     return experiment_id
 
 
