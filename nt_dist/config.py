@@ -135,6 +135,49 @@ class DistillConfig:
     alpha: float = Field(default=0.9, ge=0, le=1)
     cache_logits: bool = False  # serve f_T's logits of repeated views from memory
     teacher_precision: Literal["run", "fp32", "bf16"] = "run"  # f_T's forward, as nasty.adversary_precision
+    # how the student steals (nt_dist/attacks): kd (Hinton) | topk (KD on the teacher's k most
+    # probable classes, renormalised) | skeptical (Kundu et al. 2021: KD into an auxiliary head on a
+    # shallow part of the student, the main head self-distils) | dafl (Chen et al. 2019) and
+    # deepinversion (Yin et al. 2020): data-free, the student never sees a training image
+    method: Literal["kd", "topk", "skeptical", "dafl", "deepinversion"] = "kd"
+    top_k: int = Field(default=1, ge=1, le=1_000_000)  # topk: classes kept of the teacher's softened output
+    aux_layer: str = ""  # skeptical: the student's module feeding the auxiliary head; "": the middle top-level one
+    self_weight: float = Field(default=1.0, ge=0, le=1000)  # skeptical: β of the main head's self-distillation
+
+
+@dataclass(frozen=True, config=_STRICT)
+class DefenceConfig:
+    """How the teacher's outputs are released to the student (``nt_dist/defences.py``): the
+    other defences a nasty teacher is compared with, served through any teacher checkpoint."""
+
+    # none | stingy (Ma et al. 2022: the top-k logits, the rest zeroed) | noise (Gaussian noise
+    # of std noise_std on the logits) | round (probabilities rounded to `decimals` places)
+    name: Literal["none", "stingy", "noise", "round"] = "none"
+    top_k: int = Field(default=2, ge=1, le=1_000_000)  # stingy: logits kept
+    noise_std: float = Field(default=1.0, ge=0, le=1000)  # noise: std of the added noise, in logits
+    decimals: int = Field(default=2, ge=0, le=12)  # round: decimal places of the released probabilities
+
+
+@dataclass(frozen=True, config=_STRICT)
+class DataFreeConfig:
+    """Data-free attacks (``distill.method: dafl | deepinversion``): the student learns from
+    synthetic images only; the data set's training split is not read, its test split scores.
+    Defaults: DAFL's CIFAR command and DeepInversion's CIFAR-10 script (see nt_dist/attacks)."""
+
+    batch_size: int = Field(default=256, ge=1, le=65536)  # synthetic images per step (per process)
+    steps_per_epoch: int = Field(default=120, ge=1, le=1_000_000)  # DAFL: generator+student steps per epoch
+    latent_dim: int = Field(default=1000, ge=1, le=100_000)  # DAFL: the generator's input noise
+    generator_lr: float = Field(default=0.02, gt=0)  # DAFL: Adam
+    onehot_weight: float = Field(default=0.05, ge=0)  # DAFL: CE against the teacher's own argmax
+    activation_weight: float = Field(default=0.01, ge=0)  # DAFL: −mean |features| before the teacher's classifier
+    entropy_weight: float = Field(default=5.0, ge=0)  # DAFL: −entropy of the batch's mean prediction
+    batches: int = Field(default=20, ge=1, le=1_000_000)  # DeepInversion: batches synthesised (an epoch)
+    inversion_steps: int = Field(default=2000, ge=1, le=1_000_000)  # DeepInversion: Adam steps per batch
+    inversion_lr: float = Field(default=0.05, gt=0)
+    bn_weight: float = Field(default=10.0, ge=0)  # DeepInversion: BatchNorm statistics matching
+    tv_weight: float = Field(default=2.5e-5, ge=0)  # DeepInversion: total variation (image prior)
+    l2_weight: float = Field(default=0.0, ge=0)  # DeepInversion: ‖x‖² (image prior)
+    competition_weight: float = Field(default=0.0, ge=0)  # DeepInversion: adaptive (ADI) teacher-student disagreement
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -170,6 +213,8 @@ class Recipe:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     nasty: NastyConfig = dataclasses.field(default_factory=NastyConfig)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    defence: DefenceConfig = dataclasses.field(default_factory=DefenceConfig)
+    datafree: DataFreeConfig = dataclasses.field(default_factory=DataFreeConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
 
@@ -345,5 +390,12 @@ def _check(recipe: Recipe, source: str) -> None:
             if not recipe.data.augment_views and recipe.data.augment != "none":
                 raise UserError(f"{source}: {section}.cache_logits: needs data.augment_views > 0 (or "
                                 "data.augment: none); with a fresh augmentation every epoch no image repeats")
+    method = recipe.distill.method
+    if role == "student" and method in ("dafl", "deepinversion"):
+        if recipe.distill.cache_logits:
+            raise UserError(f"{source}: distill.cache_logits: a data-free student ({method}) never sees an image twice")
+        if recipe.defence.name == "round":
+            raise UserError(f"{source}: defence.name: round has no gradient, and {method} backpropagates through "
+                            "the teacher; use stingy or noise")
     if recipe.data.name != "digits" and recipe.data.loader != "ffcv" and not recipe.data.root:
         raise UserError(f"{source}: data.root: required for data set {recipe.data.name!r}")

@@ -150,7 +150,11 @@ def run_params(recipe: Recipe) -> dict[str, Any]:
     """The flattened recipe sections ``recipe.run.role`` uses: a teacher logs no ``nasty.*`` or
     ``distill.*``, a baseline student no ``distill.*`` (their defaults were never used)."""
     tree = recipe_to_dict(recipe)
-    used = flatten({section: tree[section] for section in ROLE_SECTIONS[recipe.run.role]})
+    sections = list(ROLE_SECTIONS[recipe.run.role])
+    if recipe.run.role == "student":  # a defence or a data-free attack adds the settings it used
+        sections += ["defence"] * (recipe.defence.name != "none")
+        sections += ["datafree"] * (recipe.distill.method in ("dafl", "deepinversion"))
+    used = flatten({section: tree[section] for section in sections})
     return {key: value for key, value in used.items() if key not in NOT_PARAMS}
 
 

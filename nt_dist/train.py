@@ -6,7 +6,9 @@ Launch it as ``accelerate launch [options] -m nt_dist.train RECIPE.yaml [--set k
 Roles (``run.role``):
   teacher, baseline  ``CE(f(x), y)``
   nasty              ``CE(f_T(x), y) − ω·τ²·KL(σ_τ(f_T(x)) ‖ σ_τ(f_A(x)))``, f_A frozen
-  student            ``α·τ²·KL(σ_τ(f_T(x)) ‖ σ_τ(f_S(x))) + (1−α)·CE(f_S(x), y)``, f_T frozen
+  student            ``α·τ²·KL(σ_τ(f_T(x)) ‖ σ_τ(f_S(x))) + (1−α)·CE(f_S(x), y)``, f_T frozen, or
+                     another attack (``distill.method``, :mod:`nt_dist.attacks`) through the
+                     teacher's released outputs (``defence``, :mod:`nt_dist.defences`)
 The frozen network is never handed to ``accelerator.prepare`` (no DDP wrapper, no gradient
 sync, no optimizer state): it runs in eval mode under ``torch.inference_mode``.
 """
@@ -14,6 +16,7 @@ sync, no optimizer state): it runs in eval mode under ``torch.inference_mode``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -30,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nt_dist import __version__, checkpoint, preflight, rundir
+from nt_dist import __version__, attacks, checkpoint, preflight, rundir
 from nt_dist.checkpoint import TrainState
 from nt_dist.config import Recipe, load_recipe
 from nt_dist.data import DataBundle, build_data, data_inputs
+from nt_dist.defences import release
 from nt_dist.errors import (
     EXIT_INTERRUPTED,
     EXIT_PREEMPTED,
@@ -172,6 +176,8 @@ def build_frozen(recipe: Recipe, num_classes: int, accelerator: Any, train_size:
     network = network.to(device=accelerator.device, dtype=None if precision == "fp32" else dtype)
     if recipe.model.channels_last:
         network = network.to(memory_format=torch.channels_last)
+    if role == "student":  # what the teacher releases: its logits, or a defence's rewrite of them
+        network = release(network, recipe.defence, recipe.run.seed)
     if precision == "bf16" and not native_bf16(accelerator.device) and accelerator.is_main_process:
         warn(f"{key.split('.')[0]}.{kind}_precision: bf16 has no hardware support on this "
              f"{accelerator.device.type} and runs slower than fp32 here; use run or fp32")
@@ -190,7 +196,8 @@ def build_frozen(recipe: Recipe, num_classes: int, accelerator: Any, train_size:
     if role == "nasty":
         step = partial(nasty_step, adversary=frozen, tau=recipe.nasty.tau, omega=recipe.nasty.omega)
     else:
-        step = partial(student_step, teacher=frozen, tau=recipe.distill.tau, alpha=recipe.distill.alpha)
+        lineage.update(attack=recipe.distill.method, defence=recipe.defence.name)
+        step = attacks.student_step_for(recipe, frozen, student_step)
     return step, lineage, frozen
 
 
@@ -207,7 +214,9 @@ def cache_key(recipe: Recipe, model_file: Path, precision: str, dtype: torch.dty
                        "run_precision": recipe.run.precision,
                        "seed": recipe.run.seed, "data": data.name, "root": str(Path(data.root).resolve()) if data.root else "",
                        "image_size": data.image_size, "augment": data.augment, "views": data.augment_views,
-                       "train_subset": data.train_subset}, sort_keys=True)
+                       "train_subset": data.train_subset,
+                       "defence": dataclasses.asdict(recipe.defence) if recipe.run.role == "student" else None},
+                      sort_keys=True)
 
 
 def _fill_deepspeed_config(accelerator: Any, recipe: Recipe) -> None:
@@ -289,18 +298,31 @@ def _build(accelerator: Any, recipe: Recipe, source: str, lock: rundir.RunLock |
         raise UserError(f"{source}: model.num_classes: {num_classes} but {recipe.data.name} has "
                         f"{data.num_classes} classes")
     model = make_model(recipe.model.name, num_classes, f"{source}: model.name")
+    model = attacks.student_model(model, recipe, num_classes, source)  # the skeptical student's auxiliary head
     if recipe.model.sync_bn and accelerator.num_processes > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if recipe.model.channels_last and not under_deepspeed(accelerator):
         model = model.to(memory_format=torch.channels_last)
     dtype = input_dtype(accelerator)
     step_fn, lineage, frozen = build_frozen(recipe, num_classes, accelerator, data.train_size, dtype)
+    synthetic = None
+    if frozen is not None and recipe.run.role == "student" and recipe.distill.method in attacks.DATA_FREE:
+        # a data-free attack trains on synthetic images, never on the training split
+        identity = cache_key(recipe, checkpoint.resolve_model_file(recipe.distill.teacher_checkpoint,
+                                                                   "distill.teacher_checkpoint"), "run", dtype)
+        synthetic = attacks.data_free_source(recipe, frozen.network, num_classes, accelerator.device,
+                                             accelerator.process_index, identity, model, accelerator.is_main_process)
+    if synthetic is not None:
+        data = dataclasses.replace(data, train=synthetic)
+        step_fn = attacks.with_source_parts(step_fn, synthetic)
     optimizer = build_optimizer(model, recipe.optim)
     scheduler = build_scheduler(optimizer, recipe.optim, recipe.run.epochs, data.train.steps_per_epoch)
     if recipe.model.compile:
         model = torch.compile(model)
     _fill_deepspeed_config(accelerator, recipe)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if synthetic is not None and hasattr(synthetic, "state_dict"):  # DAFL's generator, its Adam and noise
+        accelerator.register_for_checkpointing(synthetic)
     resumed = checkpoint.resume(accelerator, output_dir, recipe.run.resume)
     if resumed and frozen is not None and frozen.cache is not None:
         _restore_cache(frozen.cache, output_dir / checkpoint.CACHE_FILE, accelerator)
@@ -516,7 +538,10 @@ def train(recipe: Recipe, source: str = "<recipe>") -> dict[str, float]:
         state.mlflow_run_id = run.tracker.start(recipe.tracking.run_name or recipe.run.name,
                                                 run_params(recipe), tags, state.mlflow_run_id)
         if run.accelerator.is_main_process and recipe.tracking.enabled:  # a resumed run's are kept once
-            run.tracker.log_inputs(data_inputs(recipe.data, run.data))
+            inputs = data_inputs(recipe.data, run.data)
+            if recipe.run.role == "student" and recipe.distill.method in attacks.DATA_FREE:
+                inputs = [i for i in inputs if i.context != "train"]  # never read
+            run.tracker.log_inputs(inputs)
         run.preempt = Preemption()
         run.preempt.install()
         final = _loop(run)
@@ -614,7 +639,7 @@ def finish(run: Run, metrics: dict[str, float]) -> None:
                 "mlflow_experiment_id": run.tracker.experiment_id,
                 "test_top1": f"{metrics.get('test_top1', float('nan')):.4f}"}
         # torch.compile wraps the module: export the plain module's names
-        plain = {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
+        plain = attacks.exported_state(recipe, {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()})
         summary = {"final": {k: metrics[k] for k in ("test_top1", "test_top5", "test_ce") if k in metrics},
                    "global_step": run.state.global_step, "mlflow_run_id": run.state.mlflow_run_id,
                    "role": recipe.run.role, "name": recipe.run.name,
