@@ -67,10 +67,21 @@ class TeacherSpec(pydantic.BaseModel):
     recipe: str
     set: _Overrides = Field(default_factory=dict)
     distill: bool = True  # false: only an adversary (no students, not a row)
+    # an existing model (model.safetensors or its run folder): the row is served from it, not trained
+    checkpoint: str = ""
 
 
 class NastySpec(TeacherSpec):
     adversary: str  # a key of `teachers`
+
+
+class DefenceSpec(pydantic.BaseModel):
+    """A row that serves another row's teacher through a defence: its students get ``set``
+    (e.g. ``{defence.name: stingy}``); the teacher is not trained again."""
+
+    model_config = _STRICT
+    teacher: str  # a key of `teachers` or `nasty`
+    set: _Overrides = Field(default_factory=dict)
 
 
 class StudentSpec(pydantic.BaseModel):
@@ -79,7 +90,7 @@ class StudentSpec(pydantic.BaseModel):
     set: _Overrides = Field(default_factory=dict)
     baseline: bool = True  # train this student alone too (the column's baseline)
     self: bool = False  # the student has its teacher's architecture; baseline: the row's normal teacher
-    teachers: list[str] | None = None  # rows it learns from; None: every row
+    teachers: list[str] | None = None  # rows it learns from; None: every row; []: none (only the baseline)
 
 
 class SweepSpec(pydantic.BaseModel):
@@ -99,6 +110,7 @@ class PipelineSpec(pydantic.BaseModel):
     set: _Overrides = Field(default_factory=dict)
     teachers: dict[str, TeacherSpec] = Field(default_factory=dict)
     nasty: dict[str, NastySpec] = Field(default_factory=dict)
+    defences: dict[str, DefenceSpec] = Field(default_factory=dict)
     students: dict[str, StudentSpec] = Field(default_factory=dict)
     sweep: dict[str, list[Any] | SweepSpec] = Field(default_factory=dict)
     slurm: dict[str, str | int] = Field(default_factory=dict)
@@ -190,14 +202,21 @@ def _check(p: Pipeline, path: Path) -> None:
     spec = p.spec
     if not spec.teachers and not spec.students:
         raise UserError(f"{path}: teachers: a pipeline needs teachers or students")
-    rows = [*spec.teachers, *spec.nasty]
+    rows = [*spec.teachers, *spec.nasty, *spec.defences]
     if len(set(rows)) != len(rows) or BASELINE_ROW in rows:
-        raise UserError(f"{path}: nasty: a row label is used twice (teachers and nasty share one namespace; "
-                        f"{BASELINE_ROW!r} is reserved)")
+        raise UserError(f"{path}: nasty: a row label is used twice (teachers, nasty and defences share one "
+                        f"namespace; {BASELINE_ROW!r} is reserved)")
     for label, nasty in spec.nasty.items():
         if nasty.adversary not in spec.teachers:
             raise UserError(f"{path}: nasty.{label}.adversary: {nasty.adversary!r} is not a key of teachers "
                             f"({', '.join(spec.teachers) or 'none'})")
+        if nasty.checkpoint:
+            raise UserError(f"{path}: nasty.{label}.checkpoint: a given model is a teachers entry (a nasty row is "
+                            "trained against its adversary)")
+    for label, defence in spec.defences.items():
+        if defence.teacher not in [*spec.teachers, *spec.nasty]:
+            raise UserError(f"{path}: defences.{label}.teacher: {defence.teacher!r} is not a key of teachers or "
+                            "nasty")
     for label, student in spec.students.items():
         for row in student.teachers or []:
             if row not in rows:
@@ -210,6 +229,9 @@ def _check(p: Pipeline, path: Path) -> None:
                 raise UserError(f"{path}: {section}.{label}.recipe: {p.recipe_path(entry.recipe)} not found")
             if not _slug(label):
                 raise UserError(f"{path}: {section}.{label}: a label needs a letter or digit")
+    for label, teacher in spec.teachers.items():
+        if teacher.checkpoint and not Path(teacher.checkpoint).exists():
+            raise UserError(f"{path}: teachers.{label}.checkpoint: {teacher.checkpoint} not found")
     for kind, labels in (("nasty", rows), ("students", list(spec.students))):
         slugs = [_slug(label) for label in labels]
         clash = next((label for label, slug in zip(labels, slugs, strict=True) if slugs.count(slug) > 1), None)
@@ -308,34 +330,47 @@ def expand(p: Pipeline, *, seeds: Iterable[int] | None = None, extra: Iterable[s
     for seed in (list(seeds) if seeds is not None else spec.seeds):
         for point in sweep_points(p):
             rows: dict[str, tuple[Stage, str]] = {}  # row label -> (its stage, its architecture or "")
+            # row label -> (its stage, or None for a given model; its architecture or ""; where its model is;
+            # what its students add: a defence row's serving settings)
+            rows: dict[str, tuple[Stage | None, str, str, _Overrides]] = {}
             for label, t in spec.teachers.items():
+                if t.checkpoint:
+                    rows[label] = (None, _architecture(p, t), str(Path(t.checkpoint).resolve()), {})
+                    continue
                 stage = add("teacher", label, label, TEACHER_COLUMN, seed, reach("teacher", point), t.recipe,
                             t.set, {"run.role": "teacher"})
-                rows[label] = (stage, _architecture(p, t))
+                rows[label] = (stage, _architecture(p, t), str(stage.output_dir), {})
             for label, n in spec.nasty.items():
-                adversary = rows[n.adversary][0]
-                stage = add("nasty", label, label, TEACHER_COLUMN, seed, reach("nasty", point, adversary.sweep),
-                            n.recipe, n.set, {"run.role": "nasty", "nasty.adversary_checkpoint": str(adversary.output_dir)},
-                            (adversary.name,), reference_row=n.adversary)
-                rows[label] = (stage, _architecture(p, n))
+                adversary, _, where, _ = rows[n.adversary]
+                upstream = adversary.sweep if adversary is not None else ()
+                stage = add("nasty", label, label, TEACHER_COLUMN, seed, reach("nasty", point, upstream),
+                            n.recipe, n.set, {"run.role": "nasty", "nasty.adversary_checkpoint": where},
+                            (adversary.name,) if adversary is not None else (), reference_row=n.adversary)
+                rows[label] = (stage, _architecture(p, n), str(stage.output_dir), {})
+            for label, d in spec.defences.items():
+                stage, arch, where, _ = rows[d.teacher]
+                rows[label] = (stage, arch, where, d.set)
             distilled = [r for r, spec_ in [*spec.teachers.items(), *spec.nasty.items()] if spec_.distill]
+            distilled += list(spec.defences)
             for column, s in spec.students.items():
                 if s.baseline and not s.self:
                     add("baseline", column, BASELINE_ROW, column, seed, reach("baseline", point), s.recipe, s.set,
                         {"run.role": "baseline"})
-                for row in s.teachers or distilled:
-                    teacher, arch = rows[row]
-                    managed: dict[str, Any] = {"run.role": "student",
-                                               "distill.teacher_checkpoint": str(teacher.output_dir)}
+                for row in (s.teachers if s.teachers is not None else distilled):
+                    teacher, arch, where, serve = rows[row]
+                    managed: dict[str, Any] = {**serve, "run.role": "student", "distill.teacher_checkpoint": where}
                     reference = ""
                     if s.self:
                         if not arch:
                             raise UserError(f"{p.path}: students.{column}.self: the row {row!r} does not set "
                                             "model.name, so its architecture is unknown here")
                         managed["model.name"] = arch
-                        reference = spec.nasty[row].adversary if row in spec.nasty else row
-                    add("student", column, row, column, seed, reach("student", point, teacher.sweep), s.recipe,
-                        s.set, managed, (teacher.name,), via=row, reference_row=reference)
+                        base = spec.defences[row].teacher if row in spec.defences else row
+                        reference = spec.nasty[base].adversary if base in spec.nasty else base
+                    upstream = teacher.sweep if teacher is not None else ()
+                    add("student", column, row, column, seed, reach("student", point, upstream), s.recipe,
+                        s.set, managed, (teacher.name,) if teacher is not None else (), via=row,
+                        reference_row=reference)
     return list(stages.values())
 
 

@@ -192,6 +192,7 @@ def build_table(results: list[Result], title: str, point: tuple[tuple[str, str],
     students = list(dict.fromkeys(r.column for r in here if r.kind in ("student", "baseline")))
     with_students = {r.row for r in here if r.kind == "student"}
     rows = [r.row for r in here if r.kind == "nasty" or (r.kind == "teacher" and (r.row in with_students or not students))]
+    rows += [r.row for r in here if r.kind == "student"]  # rows served from a given model or through a defence
     rows = _order(list(dict.fromkeys(rows)), reference, list(row_order))
     cells: dict[tuple[str, str], Cell] = {}
 
@@ -215,6 +216,8 @@ def build_table(results: list[Result], title: str, point: tuple[tuple[str, str],
             base = mean(BASELINE_ROW, column)
             if base is None and row in self_reference:  # a `self` column: against the row's normal teacher
                 base = mean(self_reference[row], TEACHER_COLUMN)
+            if base is None and row in reference:  # no baseline (Table 6): against the normal teacher's student
+                base = mean(reference[row], column)
             cells[row, column] = Cell(tuple(values), None if base is None else statistics.fmean(values) - base)
     seeds = len({r.seed for r in here})
     return Table(title, point, [BASELINE_ROW, *rows], [TEACHER_COLUMN, *students], cells, seeds)
@@ -237,6 +240,9 @@ def markdown(table: Table, paper: str = "") -> str:
     header = ["Teacher", "Teacher top-1", *[f"Student {c}" for c in table.columns[1:]]]
     lines = [f"### {heading}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table.rows:
+        empty = not any((row, c) in table.cells or (paper and paper_cell(paper, row, c)) for c in table.columns)
+        if row == BASELINE_ROW and empty:  # no baseline trained and none printed (Table 6)
+            continue
         cells = []
         for column in table.columns:
             cell = table.cells.get((row, column))
@@ -345,7 +351,7 @@ def log_to_mlflow(files: list[Path], experiment: str, uri: str, name: str, paper
     try:
         for path in files:
             log_artifact(client, uri, run.info.run_id, path, artifact_path="report")
-            if path.name == "report.csv":
+            if path.suffix == ".csv":
                 rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
                 if rows:
                     log_table(client, uri, run.info.run_id, rows, "results_table.json")
