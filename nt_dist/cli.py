@@ -75,6 +75,32 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--pipeline-out", default=None, help="the pipeline's output_dir, if it ran with --out")
     rep.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
 
+    audit = sub.add_parser("audit", help="attack a teacher and a reference with every stealer; a protection report")
+    audit.add_argument("--teacher", required=True, help="the model under audit: run folder or model.safetensors")
+    audit.add_argument("--reference", required=True, help="a normal teacher of the same architecture (folder or file)")
+    audit.add_argument("--recipe", default=None, help="the student's recipe: data set, network, optimiser, attack "
+                       "budgets (default: recipes/digits_attack.yaml)")
+    audit.add_argument("--attacks", nargs="+", default=["all"], metavar="ATTACK",
+                       help="kd topk skeptical dafl deepinversion (default: all)")
+    audit.add_argument("--kd-tau", type=float, nargs="+", default=[4.0, 20.0], metavar="TAU", help="KD's τ_s grid")
+    audit.add_argument("--kd-alpha", type=float, nargs="+", default=[0.5, 0.9], metavar="ALPHA", help="KD's α grid")
+    audit.add_argument("--top-k", type=int, default=2, help="k of top-k KD and of the Stingy defence")
+    audit.add_argument("--defences", nargs="+", default=["stingy", "noise"], metavar="DEFENCE",
+                       help="served through the reference: stingy noise (or none)")
+    audit.add_argument("--student", default="", help="the stolen student's network (default: the recipe's; "
+                       "self: the audited teacher's)")
+    audit.add_argument("--seeds", type=int, nargs="+", default=[0])
+    audit.add_argument("--threshold", type=float, default=2.0, help="margin (points) that counts as protected")
+    audit.add_argument("--out", default="runs/audit", help="folder for audit.yaml, the runs and report/")
+    audit.add_argument("--name", default="audit", help="the pipeline's name (MLflow run names, tag `table`)")
+    audit.add_argument("--experiment", default="", help="MLflow experiment (default: the name)")
+    audit.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a key of every student recipe (repeatable)")
+    audit.add_argument("--launcher", default=None, help="local, or an accelerate config")
+    audit.add_argument("--parallel", type=int, default=1, metavar="N", help="run N independent stages at once")
+    audit.add_argument("--dry-run", action="store_true", help="write audit.yaml and print the stages; run nothing")
+    audit.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
+
     logits = sub.add_parser("plot-logits", help="softmax(logits/τ) of a normal and a nasty teacher, as PNG")
     logits.add_argument("normal", help="run folder (or model.safetensors) of the normal teacher")
     logits.add_argument("nasty", help="run folder (or model.safetensors) of the nasty teacher")
@@ -131,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             return pipeline_command(args)
         elif args.command == "report":
             return report_command(args)
+        elif args.command == "audit":
+            return audit_command(args)
         elif args.command == "plot-logits":
             from nt_dist.plots import plot_logits
 
@@ -230,6 +258,27 @@ def _write_report(results: list[Any], name: str, paper: str, folder: Path, exper
         say(f"nt-dist report: {folder} (MLflow run {run_id})")
     else:
         say(f"nt-dist report: {folder}")
+
+
+def audit_command(args: argparse.Namespace) -> int:
+    from nt_dist import audit
+    from nt_dist.quickstart import recipes_dir
+
+    if args.parallel < 1:
+        raise UserError(f"--parallel: {args.parallel}: expected 1 or more")
+    if args.top_k < 1:
+        raise UserError(f"--top-k: {args.top_k}: expected 1 or more")
+    recipe = Path(args.recipe) if args.recipe else recipes_dir() / "digits_attack.yaml"
+    if not recipe.is_file():
+        raise UserError(f"--recipe: {recipe}: recipe file not found")
+    plan = audit.AuditPlan(teacher=args.teacher, reference=args.reference, recipe=recipe,
+                           attacks=audit.parse_attacks(args.attacks), kd_taus=tuple(args.kd_tau),
+                           kd_alphas=tuple(args.kd_alpha), top_k=args.top_k,
+                           defences=audit.parse_defences(args.defences), student=args.student,
+                           seeds=tuple(args.seeds), out=Path(args.out), name=args.name, experiment=args.experiment,
+                           threshold=args.threshold, overrides=tuple(args.overrides))
+    return audit.run_audit(plan, parallel=args.parallel, launcher=args.launcher, dry_run=args.dry_run,
+                           log=not args.no_mlflow)
 
 
 def report_command(args: argparse.Namespace) -> int:

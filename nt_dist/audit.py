@@ -1,0 +1,419 @@
+"""``nt-dist audit``: how well a teacher resists being stolen, before it is released.
+
+The teacher under audit (usually a nasty teacher) and a reference (a normal teacher of the same
+architecture) face a battery of attacks (:mod:`nt_dist.attacks`: Hinton KD over a grid of τ_s
+and α, top-k KD, the Skeptical Student, DAFL, DeepInversion); the reference is also served
+through the other defences (:mod:`nt_dist.defences`: Stingy top-k, logit noise), and the
+student is trained alone. The battery is an ordinary pipeline file (``<out>/audit.yaml``: rows
+are the given models, columns the attacks), run by the same pipeline and launcher code as the
+paper's tables, so ``--parallel``, ``--launcher`` and resuming behave as they do there.
+
+For each attack, the **protection margin** of a row is how far below the better of the
+reference-taught student and the student alone its stolen student lands::
+
+    margin = max(top1(student ← reference), top1(student alone)) − top1(student ← row)
+
+positive: the row withholds what the attack wants; negative: the attack wins. The verdict per
+attack reads the margin of the teacher under audit against ``--threshold`` (points). The
+teachers' own cost is their test top-1 as released (through the defence, for defence rows)
+against the reference's.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from nt_dist.errors import UserError, say
+
+ATTACKS = ("kd", "topk", "skeptical", "dafl", "deepinversion")
+DEFENCES = ("stingy", "noise")
+REFERENCE = "reference"
+AUDITED = "under audit"
+ALONE = "alone"
+
+
+@dataclass(frozen=True)
+class AuditPlan:
+    """What ``nt-dist audit`` was asked for (paths as given)."""
+
+    teacher: str
+    reference: str
+    recipe: Path  # the student's recipe: data set, network, optimiser, budgets of each attack
+    attacks: tuple[str, ...] = ATTACKS
+    kd_taus: tuple[float, ...] = (4.0, 20.0)
+    kd_alphas: tuple[float, ...] = (0.5, 0.9)
+    top_k: int = 2
+    defences: tuple[str, ...] = DEFENCES
+    student: str = ""  # "": the recipe's network; "self": the audited teacher's architecture; else a name
+    seeds: tuple[int, ...] = (0,)
+    out: Path = Path("runs/audit")
+    name: str = "audit"
+    experiment: str = ""  # "": the name
+    threshold: float = 2.0
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    checkpoint: Path
+    defence: dict[str, Any] = field(default_factory=dict)  # defence.* overrides of its students
+
+
+def parse_attacks(names: list[str]) -> tuple[str, ...]:
+    """``--attacks``: names of :data:`ATTACKS` (``all`` for every one)."""
+    if names == ["all"]:
+        return ATTACKS
+    for name in names:
+        if name not in ATTACKS:
+            raise UserError(f"--attacks: unknown attack {name!r}; expected: {', '.join(ATTACKS)} (or all)")
+    return tuple(dict.fromkeys(names))
+
+
+def parse_defences(names: list[str]) -> tuple[str, ...]:
+    if names == ["none"]:
+        return ()
+    for name in names:
+        if name not in DEFENCES:
+            raise UserError(f"--defences: unknown defence {name!r}; expected: {', '.join(DEFENCES)} (or none)")
+    return tuple(dict.fromkeys(names))
+
+
+def attack_columns(plan: AuditPlan) -> dict[str, dict[str, Any]]:
+    """Column label -> the student overrides of that attack, in the report's order."""
+    columns: dict[str, dict[str, Any]] = {}
+    for attack in plan.attacks:
+        if attack == "kd":
+            for tau in plan.kd_taus:
+                for alpha in plan.kd_alphas:
+                    columns[f"KD τ={tau:g} α={alpha:g}"] = {"distill.method": "kd", "distill.tau": tau,
+                                                            "distill.alpha": alpha}
+        elif attack == "topk":
+            columns[f"top-{plan.top_k} KD"] = {"distill.method": "topk", "distill.top_k": plan.top_k}
+        elif attack == "skeptical":
+            columns["Skeptical"] = {"distill.method": "skeptical"}
+        elif attack == "dafl":  # DAFL's own student loss: KL at τ = 1, no labels
+            columns["DAFL"] = {"distill.method": "dafl", "distill.tau": 1.0, "distill.alpha": 1.0}
+        elif attack == "deepinversion":
+            columns["DeepInversion"] = {"distill.method": "deepinversion", "distill.alpha": 1.0}
+    return columns
+
+
+def _defence_rows(plan: AuditPlan) -> dict[str, dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    for name in plan.defences:
+        if name == "stingy":
+            rows[f"{REFERENCE} + Stingy top-{plan.top_k}"] = {"defence.name": "stingy", "defence.top_k": plan.top_k}
+        elif name == "noise":
+            rows[f"{REFERENCE} + noise"] = {"defence.name": "noise"}
+    return rows
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _model_file(path: str, key: str) -> Path:
+    from nt_dist.checkpoint import resolve_model_file
+
+    return resolve_model_file(path, key).resolve()
+
+
+def check(plan: AuditPlan) -> tuple[Path, Path, dict[str, str], dict[str, str], str]:
+    """Every mistake before anything is trained: the model files, their architectures and
+    class counts against the student recipe's data set. Returns both files, their metadata and
+    the student's network."""
+    from nt_dist.checkpoint import read_model_metadata
+    from nt_dist.config import load_recipe
+
+    teacher = _model_file(plan.teacher, "--teacher")
+    reference = _model_file(plan.reference, "--reference")
+    meta_t = read_model_metadata(teacher, "--teacher")
+    meta_r = read_model_metadata(reference, "--reference")
+    recipe = load_recipe(plan.recipe, list(plan.overrides))
+    classes = dataset_classes(recipe)
+    for key, path, meta in (("--teacher", teacher, meta_t), ("--reference", reference, meta_r)):
+        if not meta.get("architecture"):
+            raise UserError(f"{key}: {path} records no architecture (export it with nt-dist)")
+        if meta.get("num_classes") and str(meta["num_classes"]).isdigit() and int(meta["num_classes"]) != classes:
+            raise UserError(f"{key}: {path} has {meta['num_classes']} classes but the data set of {plan.recipe} "
+                            f"({recipe.data.name}) has {classes}")
+    arch_t, arch_r = meta_t["architecture"], meta_r["architecture"]
+    needs_same = [f"--student {plan.student}"] * (plan.student == "self") + [
+        f"the defences ({', '.join(plan.defences)}) served through the reference"] * bool(plan.defences)
+    if arch_t != arch_r and needs_same:
+        raise UserError(f"--reference: {reference} holds a {arch_r!r} but the teacher under audit is a {arch_t!r}; "
+                        f"{' and '.join(needs_same)} compare one architecture: pass a reference of the same "
+                        "architecture (or --defences none with a named --student)")
+    student = arch_t if plan.student == "self" else plan.student or recipe.model.name
+    return teacher, reference, meta_t, meta_r, student
+
+
+def dataset_classes(recipe: Any) -> int:
+    """The class count of the recipe's data set, read as cheaply as its layout allows."""
+    from nt_dist.data import build_dataset
+
+    known = {"digits": 10, "cifar10": 10, "cifar100": 100, "tinyimagenet": 200}
+    if recipe.model.num_classes:
+        return int(recipe.model.num_classes)
+    if recipe.data.name in known:
+        return known[recipe.data.name]
+    dataset = build_dataset(recipe.data.name, recipe.data.root, "val")
+    return len(dataset.classes)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def pipeline_tree(plan: AuditPlan, teacher: Path, reference: Path, student: str) -> dict[str, Any]:
+    """The battery as a pipeline file (what ``<out>/audit.yaml`` holds)."""
+    recipe = str(plan.recipe.resolve())
+    common = {"model.name": student}
+    students: dict[str, Any] = {ALONE: {"recipe": recipe, "set": dict(common), "teachers": [], "baseline": True}}
+    for label, overrides in attack_columns(plan).items():
+        students[label] = {"recipe": recipe, "set": {**common, **overrides}, "baseline": False}
+    return {
+        "pipeline": plan.name, "paper": "", "experiment": plan.experiment or plan.name,
+        "output_dir": str(plan.out.resolve()), "launcher": "local", "seeds": list(plan.seeds),
+        "set": dict(_pairs(plan.overrides)),
+        "teachers": {REFERENCE: {"recipe": recipe, "checkpoint": str(reference)},
+                     AUDITED: {"recipe": recipe, "checkpoint": str(teacher)}},
+        "defences": {label: {"teacher": REFERENCE, "set": overrides} for label, overrides in _defence_rows(plan).items()},
+        "students": students,
+    }
+
+
+def _pairs(overrides: tuple[str, ...]) -> list[tuple[str, Any]]:
+    pairs = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: expected section.key=value (e.g. run.epochs=5)")
+        pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    return pairs
+
+
+def write_pipeline(plan: AuditPlan, tree: dict[str, Any]) -> Path:
+    from nt_dist.checkpoint import atomic_write_text
+
+    path = plan.out / "audit.yaml"
+    plan.out.mkdir(parents=True, exist_ok=True)
+    header = ("# Written by nt-dist audit: the attack battery as a pipeline file. Run it again with\n"
+              f"#   nt-dist pipeline {path}\n")
+    atomic_write_text(path, header + yaml.safe_dump(tree, sort_keys=False, allow_unicode=True))
+    return path
+
+
+# ----------------------------------------------------------------------------- teachers
+
+
+def released_top1(recipe_path: Path, overrides: list[str], model_file: Path, key: str,
+                  defence: dict[str, Any] | None = None) -> float:
+    """Test top-1 (percent) of a model as released (through ``defence.*`` overrides, if any),
+    on the evaluation split of the student recipe's data set; one process."""
+    from nt_dist.checkpoint import load_frozen_model
+    from nt_dist.config import load_recipe
+    from nt_dist.data import build_data
+    from nt_dist.defences import release
+    from nt_dist.train import make_model
+
+    extra = [f"{k}={v}" for k, v in (defence or {}).items()]
+    recipe = load_recipe(recipe_path, [*overrides, *extra])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = build_data(recipe.data, recipe.run.seed, 0, 1, device)
+    network, _ = load_frozen_model("", str(model_file), data.num_classes, key, make_model)
+    network = release(network.to(device), recipe.defence, recipe.run.seed)
+    hits = count = 0
+    with torch.inference_mode():
+        for images, labels in data.eval.batches():
+            hits += int((network(images).argmax(dim=1) == labels).sum())
+            count += len(labels)
+    return 100.0 * hits / max(1, count)
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+@dataclass(frozen=True)
+class Protection:
+    attack: str
+    alone: list[float]
+    stolen: dict[str, list[float]]  # row label -> the stolen student's top-1 per seed
+
+    def mean(self, row: str) -> float | None:
+        values = self.stolen.get(row)
+        return statistics.fmean(values) if values else None
+
+    @property
+    def bar(self) -> float | None:
+        """The better of the reference-taught student and the student alone."""
+        known = [v for v in (self.mean(REFERENCE), statistics.fmean(self.alone) if self.alone else None)
+                 if v is not None]
+        return max(known) if known else None
+
+    def margin(self, row: str) -> float | None:
+        stolen, bar = self.mean(row), self.bar
+        return None if stolen is None or bar is None else bar - stolen
+
+
+def protections(results: list[Any], columns: list[str]) -> list[Protection]:
+    """One :class:`Protection` per attack column, from the pipeline's results."""
+    alone = [r.top1 for r in results if r.kind == "baseline" and r.column == ALONE]
+    out = []
+    for column in columns:
+        stolen: dict[str, list[float]] = {}
+        for r in results:
+            if r.kind == "student" and r.column == column:
+                stolen.setdefault(r.row, []).append(r.top1)
+        out.append(Protection(column, alone, stolen))
+    return out
+
+
+def verdict(p: Protection, threshold: float, row: str = AUDITED) -> str:
+    margin = p.margin(row)
+    if margin is None:
+        return "no result yet"
+    if margin >= threshold:
+        return f"protected: the stolen student lands {margin:.2f} points below the best legitimate student"
+    if margin > 0:
+        return f"weak: only {margin:.2f} points below the best legitimate student (threshold {threshold:g})"
+    return f"not protected: the attack wins by {-margin:.2f} points"
+
+
+def _fmt(values: list[float] | None) -> str:
+    if not values:
+        return "–"
+    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{statistics.fmean(values):.2f}{spread}"
+
+
+def _signed(value: float | None) -> str:
+    return "–" if value is None else f"{value:+.2f}".replace("-", "−")
+
+
+def markdown(plan: AuditPlan, student: str, dataset: str, teachers: dict[str, float], rows: list[str],
+             table: list[Protection], seeds: int) -> str:
+    reference = teachers.get(REFERENCE)
+    lines = [f"### Protection audit: {plan.teacher} (under audit) vs {plan.reference} (reference)", "",
+             f"Student `{student}` on `{dataset}`, {seeds} seed(s); test top-1 in percent, mean ± sample std over "
+             "seeds. Margin: the better of the reference-taught student and the student alone, minus the "
+             f"stolen student (positive: protected; verdict threshold {plan.threshold:g} points).", "",
+             "| teacher | top-1 as released | cost vs reference |", "|---|---|---|"]
+    for row in rows:
+        top1 = teachers.get(row)
+        cost = None if top1 is None or reference is None or row == REFERENCE else top1 - reference
+        lines.append(f"| {row} | {'–' if top1 is None else f'{top1:.2f}'} | {_signed(cost)} |")
+    protected = [r for r in rows if r != REFERENCE]
+    header = ["attack", "student alone", f"from {REFERENCE}"]
+    for row in protected:
+        header += [f"from {row}", f"margin ({row})"]
+    header.append("verdict (under audit)")
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for p in table:
+        cells = [p.attack, _fmt(p.alone), _fmt(p.stolen.get(REFERENCE))]
+        for row in protected:
+            cells += [_fmt(p.stolen.get(row)), _signed(p.margin(row))]
+        cells.append(verdict(p, plan.threshold))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *[f"- **{p.attack}**: {verdict(p, plan.threshold)}" for p in table]]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(teachers: dict[str, float], rows: list[str], table: list[Protection]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["attack", "row", "n", "mean", "std", "margin", "values"])
+    for row in rows:
+        if row in teachers:
+            writer.writerow(["(teacher)", row, 1, f"{teachers[row]:.4f}", "0.0000", "", f"{teachers[row]:.2f}"])
+    for p in table:
+        entries = [(ALONE, p.alone), *[(row, p.stolen.get(row, [])) for row in rows]]
+        for row, values in entries:
+            if not values:
+                continue
+            margin = p.margin(row) if row not in (ALONE, REFERENCE) else None
+            writer.writerow([p.attack, row, len(values), f"{statistics.fmean(values):.4f}",
+                             f"{statistics.stdev(values) if len(values) > 1 else 0.0:.4f}",
+                             "" if margin is None else f"{margin:.4f}", " ".join(f"{v:.2f}" for v in values)])
+    return out.getvalue()
+
+
+def bar_chart(table: list[Protection], rows: list[str], path: Path, title: str) -> Path:
+    """Grouped bars: per attack, the student alone and the student stolen from each row."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    series = [(ALONE, [statistics.fmean(p.alone) if p.alone else 0.0 for p in table])]
+    series += [(row, [p.mean(row) or 0.0 for p in table]) for row in rows]
+    figure = Figure(figsize=(max(6.0, 1.3 * len(table) + 2), 4.2))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series):
+        axes.bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(table))], values, width,
+                 label=f"student {label}" if label == ALONE else f"from {label}")
+    axes.set_xticks(range(len(table)), [p.attack for p in table], rotation=20, ha="right", fontsize=8)
+    axes.set_ylabel("stolen student's test top-1 (%)")
+    low = min([v for _, vs in series for v in vs if v > 0] or [0.0])
+    axes.set_ylim(max(0.0, low - 10.0), 100.0)
+    axes.set_title(title, fontsize=9)
+    axes.legend(fontsize=7, loc="lower left")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def run_audit(plan: AuditPlan, *, parallel: int = 1, launcher: str | None = None, dry_run: bool = False,
+              log: bool = True) -> int:
+    """Check, write ``<out>/audit.yaml``, run it, evaluate the teachers as released, write the
+    protection report (Markdown, CSV, PNG) and log it to MLflow. Returns the exit code."""
+    from nt_dist import pipeline, report
+    from nt_dist.checkpoint import atomic_write_text
+    from nt_dist.config import load_recipe
+
+    teacher, reference, _, _, student = check(plan)
+    tree = pipeline_tree(plan, teacher, reference, student)
+    path = write_pipeline(plan, tree)
+    spec = pipeline.load_pipeline(path)
+    stages = pipeline.expand(spec)
+    if dry_run:
+        print(pipeline.describe_plan(stages, launcher or "local"))
+        return 0
+    say(f"nt-dist audit: {len(stages)} runs ({path})")
+    outcomes = pipeline.run(spec, stages, launcher=launcher, parallel=parallel)
+    print(pipeline.summary(outcomes))
+    results, _ = report.from_stages(stages)
+    defence_rows = _defence_rows(plan)
+    models = {REFERENCE: reference, AUDITED: teacher, **{label: reference for label in defence_rows}}
+    rows = list(models)
+    base = [f"{k}={v}" for k, v in _pairs(plan.overrides)] + ["run.role=baseline"]
+    teachers = {label: released_top1(plan.recipe, base, model, "--teacher" if label == AUDITED else "--reference",
+                                     defence_rows.get(label)) for label, model in models.items()}
+    table = protections(results, list(attack_columns(plan)))
+    recipe = load_recipe(plan.recipe, list(plan.overrides))
+    text = markdown(plan, student, recipe.data.name, teachers, rows, table, len(plan.seeds))
+    folder = plan.out / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [folder / "audit.md", folder / "audit.csv", folder / "audit.png"]
+    atomic_write_text(files[0], text)
+    atomic_write_text(files[1], csv_text(teachers, rows, table))
+    bar_chart(table, rows, files[2], f"{plan.name}: {Path(plan.teacher).name} vs {Path(plan.reference).name}")
+    print("\n" + text)
+    where = ""
+    enabled, uri = report.tracking_of(spec, stages)
+    if log and enabled:
+        run_id = report.log_to_mlflow(files, spec.experiment, uri, plan.name, "", text)
+        where = f"; MLflow run {plan.name}/report ({run_id}) in experiment {spec.experiment}"
+    say(f"nt-dist audit: report in {folder}{where}")
+    return pipeline.exit_code(outcomes)
