@@ -280,11 +280,14 @@ def verdict(p: Protection, threshold: float, row: str = AUDITED) -> str:
     margin = p.margin(row)
     if margin is None:
         return "no result yet"
+    reference, stolen = p.mean(REFERENCE), p.mean(row)
+    # what the row itself withholds, beside the margin (a data-free attack may fail on the reference too)
+    gap = "" if reference is None or stolen is None else f" ({reference - stolen:.2f} below the reference-taught)"
     if margin >= threshold:
-        return f"protected: the stolen student lands {margin:.2f} points below the best legitimate student"
+        return f"protected: the stolen student lands {margin:.2f} points below the best legitimate student{gap}"
     if margin > 0:
-        return f"weak: only {margin:.2f} points below the best legitimate student (threshold {threshold:g})"
-    return f"not protected: the attack wins by {-margin:.2f} points"
+        return f"weak: only {margin:.2f} points below the best legitimate student{gap} (threshold {threshold:g})"
+    return f"not protected: the attack wins by {-margin:.2f} points{gap}"
 
 
 def _fmt(values: list[float] | None) -> str:

@@ -122,7 +122,9 @@ def test_margins_and_verdicts_from_hand_computed_results():
     assert skeptical.margin("under audit") == pytest.approx(-1.5)
     assert audit.verdict(kd, 2.0).startswith("protected: the stolen student lands 14.00 points below")
     assert audit.verdict(dafl, 2.0).startswith("weak: only 1.50 points below")
-    assert audit.verdict(skeptical, 2.0) == "not protected: the attack wins by 1.50 points"
+    assert audit.verdict(skeptical, 2.0) == ("not protected: the attack wins by 1.50 points "
+                                             "(-1.50 below the reference-taught)")
+    assert audit.verdict(dafl, 2.0).endswith("(-29.50 below the reference-taught) (threshold 2)")
     assert audit.verdict(audit.Protection("X", [], {}), 2.0) == "no result yet"
 
 

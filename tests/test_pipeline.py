@@ -295,3 +295,32 @@ def test_a_signal_stops_the_pipeline_at_the_running_stage_and_the_same_command_r
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "5 stages: 5 ran, 0 skipped" in again.stdout and "resumed from" in again.stdout
+
+
+def test_given_models_and_defence_rows_train_no_teacher(tmp_path: Path):
+    model = tmp_path / "given" / "model.safetensors"
+    model.parent.mkdir()
+    model.write_bytes(b"")  # existence is all expand() needs
+    path = write_pipeline(
+        tmp_path, teachers={"given": {"recipe": str(RECIPES / "digits_teacher.yaml"), "checkpoint": str(model)}},
+        nasty={}, defences={"given + stingy": {"teacher": "given", "set": {"defence.name": "stingy"}}},
+        students={"MLP": {"recipe": str(RECIPES / "digits_student.yaml"), "baseline": False},
+                  "alone": {"recipe": str(RECIPES / "digits_student.yaml"), "teachers": []}})
+    stages = by_name(pipeline.expand(pipeline.load_pipeline(path)))
+    assert list(stages) == ["seed0/student/mlp/given", "seed0/student/mlp/given-stingy", "seed0/baseline/alone"]
+    defended = stages["seed0/student/mlp/given-stingy"]
+    assert defended.needs == () and defended.row == "given + stingy"
+    assert f"distill.teacher_checkpoint={model}" in defended.overrides and "defence.name=stingy" in defended.overrides
+    assert not any(o.startswith("defence.") for o in stages["seed0/student/mlp/given"].overrides)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"teachers": {"T": {"recipe": str(RECIPES / "digits_teacher.yaml"), "checkpoint": "/nope/model.safetensors"}},
+      "nasty": {}}, "teachers.T.checkpoint: /nope/model.safetensors not found"),
+    ({"defences": {"D": {"teacher": "nobody", "set": {}}}}, "defences.D.teacher: 'nobody' is not a key of teachers or nasty"),
+    ({"nasty": {"N": {"recipe": str(RECIPES / "digits_nasty.yaml"), "adversary": "CNN normal", "checkpoint": "/x"}}},
+     "nasty.N.checkpoint: a given model is a teachers entry"),
+])
+def test_bad_given_models_and_defence_rows_are_one_line(tmp_path: Path, changes: dict, message: str):
+    with pytest.raises(UserError, match=re.escape(message)):
+        pipeline.load_pipeline(write_pipeline(tmp_path, **changes))
