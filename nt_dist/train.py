@@ -215,7 +215,9 @@ def cache_key(recipe: Recipe, model_file: Path, precision: str, dtype: torch.dty
                        "seed": recipe.run.seed, "data": data.name, "root": str(Path(data.root).resolve()) if data.root else "",
                        "image_size": data.image_size, "augment": data.augment, "views": data.augment_views,
                        "train_subset": data.train_subset,
-                       "defence": dataclasses.asdict(recipe.defence) if recipe.run.role == "student" else None},
+                       # a defence rewrites what is cached (keys of undefended runs stay as they were)
+                       **({"defence": dataclasses.asdict(recipe.defence)}
+                          if recipe.run.role == "student" and recipe.defence.name != "none" else {})},
                       sort_keys=True)
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -201,3 +202,35 @@ def test_the_audit_file_is_readable_yaml_with_absolute_paths(tmp_path: Path):
     assert Path(tree["teachers"]["reference"]["checkpoint"]).is_absolute()
     assert tree["students"]["alone"] == {"recipe": str(ATTACK_RECIPE), "set": {"model.name": "mlp"}, "teachers": [],
                                          "baseline": True}
+
+
+# ----------------------------------------------------------------------------- attacks as runs
+
+
+@pytest.mark.parametrize("method", ["dafl", "skeptical"])
+def test_an_interrupted_attack_resumes_to_the_same_student(method: str, tmp_path: Path, capsys):
+    """DAFL's generator, its Adam state and noise stream are checkpointed; the skeptical
+    student's auxiliary head too: stopped mid-run and resumed, the exported student is
+    bit-identical to one trained straight through, and it is the plain architecture."""
+    from safetensors.torch import load_file
+
+    from nt_dist.config import load_recipe
+    from nt_dist.train import train
+
+    teacher = fake_model(tmp_path / "teacher")
+    common = ["run.epochs=2", "run.progress=false", "data.train_subset=128", "data.batch_size=32",
+              "tracking.enabled=false", f"distill.teacher_checkpoint={teacher}", f"distill.method={method}",
+              "datafree.batch_size=16", "datafree.steps_per_epoch=4"]
+
+    def run(folder: str, *extra: str) -> None:
+        train(load_recipe(ATTACK_RECIPE, [*common, f"run.output_dir={tmp_path / folder}", *extra]))
+
+    run("straight")
+    run("resumed", "run.max_steps=5")  # stops in the second epoch, after its checkpoint
+    capsys.readouterr()
+    run("resumed")
+    assert "(epoch 2, step 1 of the epoch, global step 5)" in capsys.readouterr().out  # resumed, not restarted
+    straight = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert straight.keys() == resumed.keys() == create_model("mlp", num_classes=10).state_dict().keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
