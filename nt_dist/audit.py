@@ -26,14 +26,15 @@ import io
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import yaml
 
+from nt_dist.config import METHODS
 from nt_dist.errors import UserError, say
 
-ATTACKS = ("kd", "topk", "skeptical", "dafl", "deepinversion")
+ATTACKS = METHODS  # distill.method, in the report's order
 DEFENCES = ("stingy", "noise")
 REFERENCE = "reference"
 AUDITED = "under audit"
@@ -126,10 +127,16 @@ def _model_file(path: str, key: str) -> Path:
     return resolve_model_file(path, key).resolve()
 
 
-def check(plan: AuditPlan) -> tuple[Path, Path, dict[str, str], dict[str, str], str]:
+class Checked(NamedTuple):
+    teacher: Path  # the model files, resolved
+    reference: Path
+    student: str  # the stolen student's network
+    recipe: Any  # the student recipe with the audit's overrides
+
+
+def check(plan: AuditPlan) -> Checked:
     """Every mistake before anything is trained: the model files, their architectures and
-    class counts against the student recipe's data set. Returns both files, their metadata and
-    the student's network."""
+    class counts against the student recipe's data set."""
     from nt_dist.checkpoint import read_model_metadata
     from nt_dist.config import load_recipe
 
@@ -153,20 +160,19 @@ def check(plan: AuditPlan) -> tuple[Path, Path, dict[str, str], dict[str, str], 
                         f"{' and '.join(needs_same)} compare one architecture: pass a reference of the same "
                         "architecture (or --defences none with a named --student)")
     student = arch_t if plan.student == "self" else plan.student or recipe.model.name
-    return teacher, reference, meta_t, meta_r, student
+    return Checked(teacher, reference, student, recipe)
 
 
 def dataset_classes(recipe: Any) -> int:
     """The class count of the recipe's data set, read as cheaply as its layout allows."""
-    from nt_dist.data import build_dataset
+    from nt_dist.data import build_dataset, num_classes_of
 
     known = {"digits": 10, "cifar10": 10, "cifar100": 100, "tinyimagenet": 200}
     if recipe.model.num_classes:
         return int(recipe.model.num_classes)
     if recipe.data.name in known:
         return known[recipe.data.name]
-    dataset = build_dataset(recipe.data.name, recipe.data.root, "val")
-    return len(dataset.classes)
+    return num_classes_of(build_dataset(recipe.data.name, recipe.data.root, "val"))
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -214,28 +220,30 @@ def write_pipeline(plan: AuditPlan, tree: dict[str, Any]) -> Path:
 # ----------------------------------------------------------------------------- teachers
 
 
-def released_top1(recipe_path: Path, overrides: list[str], model_file: Path, key: str,
-                  defence: dict[str, Any] | None = None) -> float:
-    """Test top-1 (percent) of a model as released (through ``defence.*`` overrides, if any),
-    on the evaluation split of the student recipe's data set; one process."""
+def released_top1s(recipe: Any, rows: dict[str, tuple[Path, str, dict[str, Any]]]) -> dict[str, float]:
+    """Test top-1 (percent) of each row's model as released (through its ``defence.*``
+    settings), on the evaluation split of ``recipe``'s data set, read once; one process.
+    ``rows``: label -> (model file, the option naming it, defence settings)."""
     from nt_dist.checkpoint import load_frozen_model
-    from nt_dist.config import load_recipe
+    from nt_dist.config import DefenceConfig
     from nt_dist.data import build_data
     from nt_dist.defences import release
     from nt_dist.train import make_model
 
-    extra = [f"{k}={v}" for k, v in (defence or {}).items()]
-    recipe = load_recipe(recipe_path, [*overrides, *extra])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = build_data(recipe.data, recipe.run.seed, 0, 1, device)
-    network, _ = load_frozen_model("", str(model_file), data.num_classes, key, make_model)
-    network = release(network.to(device), recipe.defence, recipe.run.seed)
-    hits = count = 0
-    with torch.inference_mode():
-        for images, labels in data.eval.batches():
-            hits += int((network(images).argmax(dim=1) == labels).sum())
-            count += len(labels)
-    return 100.0 * hits / max(1, count)
+    scores = {}
+    for label, (model_file, key, defence) in rows.items():
+        network, _ = load_frozen_model("", str(model_file), data.num_classes, key, make_model)
+        settings = DefenceConfig(**{k.removeprefix("defence."): v for k, v in defence.items()})
+        network = release(network.to(device), settings, recipe.run.seed)
+        hits = count = 0
+        with torch.inference_mode():
+            for images, labels in data.eval.batches():
+                hits += int((network(images).argmax(dim=1) == labels).sum())
+                count += len(labels)
+        scores[label] = 100.0 * hits / max(1, count)
+    return scores
 
 
 # ----------------------------------------------------------------------------- the report
@@ -383,9 +391,8 @@ def run_audit(plan: AuditPlan, *, parallel: int = 1, launcher: str | None = None
     protection report (Markdown, CSV, PNG) and log it to MLflow. Returns the exit code."""
     from nt_dist import pipeline, report
     from nt_dist.checkpoint import atomic_write_text
-    from nt_dist.config import load_recipe
 
-    teacher, reference, _, _, student = check(plan)
+    teacher, reference, student, recipe = check(plan)
     tree = pipeline_tree(plan, teacher, reference, student)
     path = write_pipeline(plan, tree)
     spec = pipeline.load_pipeline(path)
@@ -397,14 +404,11 @@ def run_audit(plan: AuditPlan, *, parallel: int = 1, launcher: str | None = None
     outcomes = pipeline.run(spec, stages, launcher=launcher, parallel=parallel)
     print(pipeline.summary(outcomes))
     results, _ = report.from_stages(stages)
-    defence_rows = _defence_rows(plan)
-    models = {REFERENCE: reference, AUDITED: teacher, **{label: reference for label in defence_rows}}
+    models = {REFERENCE: (reference, "--reference", {}), AUDITED: (teacher, "--teacher", {}),
+              **{label: (reference, "--reference", d) for label, d in _defence_rows(plan).items()}}
     rows = list(models)
-    base = [f"{k}={v}" for k, v in _pairs(plan.overrides)] + ["run.role=baseline"]
-    teachers = {label: released_top1(plan.recipe, base, model, "--teacher" if label == AUDITED else "--reference",
-                                     defence_rows.get(label)) for label, model in models.items()}
+    teachers = released_top1s(recipe, models)
     table = protections(results, list(attack_columns(plan)))
-    recipe = load_recipe(plan.recipe, list(plan.overrides))
     text = markdown(plan, student, recipe.data.name, teachers, rows, table, len(plan.seeds))
     folder = plan.out / "report"
     folder.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import pydantic
 import yaml
@@ -27,6 +27,10 @@ _STRICT = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 SEED_MAX = 2**32 - 1  # numpy's seed range (accelerate.set_seed seeds numpy too)
 
 Role = Literal["teacher", "nasty", "student", "baseline"]
+# a student's attack (distill.method); the data-free ones never read the training split
+Method = Literal["kd", "topk", "skeptical", "dafl", "deepinversion"]
+METHODS: tuple[str, ...] = get_args(Method)
+DATA_FREE_METHODS = ("dafl", "deepinversion")
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -139,7 +143,7 @@ class DistillConfig:
     # probable classes, renormalised) | skeptical (Kundu et al. 2021: KD into an auxiliary head on a
     # shallow part of the student, the main head self-distils) | dafl (Chen et al. 2019) and
     # deepinversion (Yin et al. 2020): data-free, the student never sees a training image
-    method: Literal["kd", "topk", "skeptical", "dafl", "deepinversion"] = "kd"
+    method: Method = "kd"
     top_k: int = Field(default=1, ge=1, le=1_000_000)  # topk: classes kept of the teacher's softened output
     aux_layer: str = ""  # skeptical: the student's module feeding the auxiliary head; "": the middle top-level one
     self_weight: float = Field(default=1.0, ge=0, le=1000)  # skeptical: β of the main head's self-distillation
@@ -391,7 +395,7 @@ def _check(recipe: Recipe, source: str) -> None:
                 raise UserError(f"{source}: {section}.cache_logits: needs data.augment_views > 0 (or "
                                 "data.augment: none); with a fresh augmentation every epoch no image repeats")
     method = recipe.distill.method
-    if role == "student" and method in ("dafl", "deepinversion"):
+    if role == "student" and method in DATA_FREE_METHODS:
         if recipe.distill.cache_logits:
             raise UserError(f"{source}: distill.cache_logits: a data-free student ({method}) never sees an image twice")
         if recipe.defence.name == "round":

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from nt_dist import __version__
-from nt_dist.config import Recipe, TrackingConfig, flatten, recipe_to_dict
+from nt_dist.config import DATA_FREE_METHODS, Recipe, TrackingConfig, flatten, recipe_to_dict
 from nt_dist.errors import warn
 
 DEFAULT_DB = "mlflow.db"
@@ -153,7 +153,7 @@ def run_params(recipe: Recipe) -> dict[str, Any]:
     sections = list(ROLE_SECTIONS[recipe.run.role])
     if recipe.run.role == "student":  # a defence or a data-free attack adds the settings it used
         sections += ["defence"] * (recipe.defence.name != "none")
-        sections += ["datafree"] * (recipe.distill.method in ("dafl", "deepinversion"))
+        sections += ["datafree"] * (recipe.distill.method in DATA_FREE_METHODS)
     used = flatten({section: tree[section] for section in sections})
     return {key: value for key, value in used.items() if key not in NOT_PARAMS}
 

@@ -74,7 +74,7 @@ def test_bad_inputs_end_in_one_line_before_anything_is_trained(case: str, expect
 def test_a_reference_of_another_architecture_is_fine_without_defences_and_a_named_student(tmp_path: Path):
     teacher, reference = fake_model(tmp_path / "t"), fake_model(tmp_path / "r", "mlp")
     plan = audit.AuditPlan(str(teacher), str(reference), ATTACK_RECIPE, defences=())
-    assert audit.check(plan)[4] == "mlp"  # the recipe's student
+    assert audit.check(plan).student == "mlp"  # the recipe's student
 
 
 # ----------------------------------------------------------------------------- the battery as a pipeline
@@ -87,7 +87,7 @@ def test_the_battery_is_a_pipeline_of_given_rows_defence_rows_and_attack_columns
     columns = audit.attack_columns(plan)
     assert list(columns) == ["KD τ=4 α=0.9", "KD τ=20 α=0.9", "top-3 KD", "Skeptical", "DAFL", "DeepInversion"]
     checked = audit.check(plan)
-    path = audit.write_pipeline(plan, audit.pipeline_tree(plan, *checked[:2], checked[4]))
+    path = audit.write_pipeline(plan, audit.pipeline_tree(plan, *checked[:3]))
     stages = pipeline.expand(pipeline.load_pipeline(path))
     # per seed: the student alone once, and each of 6 attacks from 4 rows; no teacher is trained
     assert len(stages) == 2 * (1 + 6 * 4)
@@ -198,7 +198,7 @@ def test_the_audit_file_is_readable_yaml_with_absolute_paths(tmp_path: Path):
     teacher, reference = fake_model(tmp_path / "t"), fake_model(tmp_path / "r")
     plan = audit.AuditPlan(str(teacher), str(reference), ATTACK_RECIPE, out=tmp_path / "out")
     checked = audit.check(plan)
-    tree = yaml.safe_load(audit.write_pipeline(plan, audit.pipeline_tree(plan, *checked[:2], checked[4])).read_text())
+    tree = yaml.safe_load(audit.write_pipeline(plan, audit.pipeline_tree(plan, *checked[:3])).read_text())
     assert Path(tree["teachers"]["reference"]["checkpoint"]).is_absolute()
     assert tree["students"]["alone"] == {"recipe": str(ATTACK_RECIPE), "set": {"model.name": "mlp"}, "teachers": [],
                                          "baseline": True}

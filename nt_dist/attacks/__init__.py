@@ -32,10 +32,9 @@ from nt_dist.attacks.dafl import GeneratorSource
 from nt_dist.attacks.deepinversion import InversionSource
 from nt_dist.attacks.skeptical import SkepticalStudent, plain_state, skeptical_loss
 from nt_dist.attacks.sparse_kd import topk_kd_loss
-from nt_dist.config import Recipe
+from nt_dist.config import DATA_FREE_METHODS, Recipe
 
-METHODS = ("kd", "topk", "skeptical", "dafl", "deepinversion")
-DATA_FREE = ("dafl", "deepinversion")
+DATA_FREE = DATA_FREE_METHODS
 
 
 def topk_step(model: nn.Module, images: Tensor, labels: Tensor, index: Tensor | None = None, epoch: int = 0, *,
