@@ -79,7 +79,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def write_synthetic(root: Path, images: int, classes: int, size: int) -> None:
     """Random JPEGs in the Tiny-ImageNet-200 layout: ``images`` for training, a tenth for validation."""
-    from tests.conftest_data import write_tinyimagenet
+    from nt_dist.data.synthetic import write_tinyimagenet
 
     rng = np.random.default_rng(0)
     wnids = [f"n{c:08d}" for c in range(classes)]
@@ -160,7 +160,8 @@ def step_only(args: argparse.Namespace, roles: list[str]) -> dict[str, float]:
 
     from nt_dist.config import load_recipe
     from nt_dist.models import create_model
-    from nt_dist.train import ce_step, nasty_step
+    from nt_dist.objectives.nasty import nasty_step
+    from nt_dist.objectives.teacher import ce_step
 
     recipe = load_recipe(RECIPE, [*args.overrides, *([f"model.name={args.model}"] if args.model else [])])
     AcceleratorState._reset_state()

@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: nt_dist, tests
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: nt_dist, when not installed
 
 from nt_dist.config import DataConfig
 from nt_dist.data import build_data
-from tests.conftest_data import digit_images, write_tinyimagenet
+from nt_dist.data.synthetic import digit_images, write_tinyimagenet
 
 EPOCHS_PER_ROUND = {"torch": 1, "ffcv": 3, "device": 3}  # the fast loaders' epochs are several times shorter
 

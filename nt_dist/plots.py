@@ -26,10 +26,10 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from nt_dist.checkpoint import load_frozen_model, read_model_metadata, resolve_model_file
-from nt_dist.data import SPLITS, build_dataset, num_classes_of
+from nt_dist.data import DATASETS, build_dataset, num_classes_of
 from nt_dist.data.transforms import Normalise, build_transform
 from nt_dist.errors import UserError
-from nt_dist.frozen import frozen_logits
+from nt_dist.frozen_network import frozen_logits
 from nt_dist.models import create_model
 from nt_dist.rundir import RECIPE_FILE
 
@@ -148,12 +148,13 @@ def responses(normal: Path, nasty: Path, *, tau: float = 4.0, count: int = 4, da
     files = resolve_model_file(str(normal), "normal"), resolve_model_file(str(nasty), "nasty")
     common = _agree(normal, nasty, _describe_model(files[0], "normal"), _describe_model(files[1], "nasty"))
     name = common["dataset"]
-    if name not in SPLITS:
-        raise UserError(f"{files[0]}: unknown data set {name!r} in its metadata; expected one of: {', '.join(SPLITS)}")
+    spec = DATASETS.get(name)
+    if spec is None:
+        raise UserError(f"{files[0]}: unknown data set {name!r} in its metadata; expected one of: {', '.join(DATASETS)}")
     root = data_root or common["root"]
-    if name != "digits" and not root:
+    if spec.needs_root and not root:
         raise UserError(f"--data-root: required for the {name} data set of {normal} and {nasty}")
-    split = split or SPLITS[name][1]
+    split = split or spec.eval_split
     dataset = build_dataset(name, root, split)
     classes = num_classes_of(dataset)
     indices = pick_indices(dataset.targets, count, seed)

@@ -76,9 +76,9 @@ def tiny_flagship_inputs(root: Path) -> tuple[Path, Path]:
     """A 2-class Tiny-ImageNet layout (16 px JPEGs) and an untrained cifar_resnet18 adversary
     exported the way a teacher run exports it: all the flagship recipe needs besides size."""
     import numpy as np
-    from conftest_data import write_tinyimagenet
 
     from nt_dist.checkpoint import export_model
+    from nt_dist.data.synthetic import write_tinyimagenet
     from nt_dist.models import create_model
 
     wnids, rng = ["n01443537", "n01629819"], np.random.default_rng(0)

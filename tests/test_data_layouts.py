@@ -11,17 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest_data import (
-    assert_one_line_error,
-    random_images,
-    write_cifar10,
-    write_cifar100,
-    write_imagefolder,
-    write_tinyimagenet,
-)
+from conftest_data import assert_one_line_error
 
 from nt_dist.config import DataConfig
 from nt_dist.data import build_data, build_dataset
+from nt_dist.data.synthetic import random_images, write_cifar10, write_cifar100, write_imagefolder, write_tinyimagenet
 from nt_dist.errors import UserError
 
 # Listed unsorted, as in the real wnids.txt; class index = position in sorted order.

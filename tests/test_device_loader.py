@@ -13,13 +13,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest_data import assert_one_line_error, random_images, write_tinyimagenet
+from conftest_data import assert_one_line_error
 from PIL import Image
 
 from nt_dist.config import DataConfig
 from nt_dist.data import build_data, device_loader
 from nt_dist.data.device_aug import augment, crop_resize, mix32, rotate, rrc_boxes, translate, uniforms
 from nt_dist.data.device_loader import DeviceEvalSource, DeviceTrainSource
+from nt_dist.data.synthetic import random_images, write_tinyimagenet
 from nt_dist.data.torch_loader import SeededTransformDataset, TorchTrainSource
 from nt_dist.data.transforms import build_transform
 from nt_dist.errors import UserError
@@ -373,7 +374,7 @@ def test_a_run_that_decodes_trains_like_a_run_that_reads_the_cache(tmp_path: Pat
     from conftest import REPO, tiny_overrides
     from safetensors.torch import load_file
 
-    from nt_dist.train import main
+    from nt_dist.entry import main
 
     weights = []
     for run in ("decodes", "reads"):

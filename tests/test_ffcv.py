@@ -19,12 +19,13 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("ffcv", reason="ffcv is an optional extra (pip install -e '.[ffcv]')")
 
-from conftest_data import IndexDataset, assert_one_line_error, write_cifar10
+from conftest_data import IndexDataset, assert_one_line_error
 
 from nt_dist.config import DataConfig
 from nt_dist.data import DataBundle, build_data
 from nt_dist.data.digits import DigitsDataset
 from nt_dist.data.ffcv_io import check_beton, main, write_ffcv, write_splits
+from nt_dist.data.synthetic import write_cifar10
 from nt_dist.data.transforms import normalisation
 from nt_dist.errors import UserError
 

@@ -1,10 +1,14 @@
-"""Data sets in their original distribution layouts, and the two input paths that feed them.
+"""Data sets in their original distribution layouts, and the input paths that feed them.
 
 ``build_dataset(name, root, split)`` gives a map-style dataset of ``(PIL image, int label)``
 with no augmentation; ``build_data(cfg, ...)`` gives the training and evaluation sources the
 training loop iterates: held whole on the training device (``data.loader: device``; ``auto``
 picks it where the decoded splits fit), through FFCV (``ffcv``) or torchvision + DataLoader
-(``torch``).
+(``torch``). What each data set and each loader is lives in one table each,
+:data:`~nt_dist.data.specs.DATASETS` and :data:`~nt_dist.data.specs.LOADERS`.
+
+Importing this package is light (no torch): the recipe check reads the tables; the loaders
+import their modules when they build.
 """
 
 from __future__ import annotations
@@ -12,34 +16,58 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+from nt_dist.data.specs import (
+    AUGMENTS,
+    DATASETS,
+    LOADERS,
+    DatasetSpec,
+    LoaderSpec,
+    dataset_spec,
+    loader_spec,
+    loaders_with,
+)
+from nt_dist.errors import UserError
 
-from nt_dist.config import DataConfig
-from nt_dist.data.torch_loader import SeededTransformDataset, TorchEvalSource, TorchTrainSource
-from nt_dist.data.transforms import build_transform
-from nt_dist.errors import UserError, say, warn
+if TYPE_CHECKING:
+    import torch
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+    from nt_dist.config import DataConfig
 
-# name -> (training split, evaluation split)
-SPLITS: dict[str, tuple[str, str]] = {
-    "digits": ("train", "test"),
-    "cifar10": ("train", "test"),
-    "cifar100": ("train", "test"),
-    "tinyimagenet": ("train", "val"),
-    "imagefolder": ("train", "val"),
-}
+    Batch = tuple[torch.Tensor, torch.Tensor]
+
+__all__ = ["AUGMENTS", "DATASETS", "LOADERS", "DataBundle", "DataInput", "DatasetSpec", "EvalSource", "LoaderSpec",
+           "TrainSource", "build_data", "build_dataset", "build_splits", "check_batch", "data_inputs", "dataset_spec",
+           "loader_spec", "loaders_with", "num_classes_of"]
 
 
 class TrainSource(Protocol):
+    """This process's training batches: everything the training loop calls.
+
+    ``epoch(e, start_step=s)`` yields ``(images, labels)`` (normalised float32 NCHW and int64, on
+    the training device) for steps ``s .. steps_per_epoch - 1`` of epoch ``e``, without reading
+    the batches before ``s``: a resumed run continues where it stopped.
+
+    ``batch_indices(e, start_step=s)`` lists the sample indices of each batch ``epoch(e, s)``
+    yields, in the same order: what the frozen-logit cache (``nasty.cache_logits``,
+    ``distill.cache_logits``) keys by. A loader without per-sample indices (ffcv: its order is
+    drawn inside ffcv) declares ``logit_cache=False`` in its :class:`LoaderSpec`, so the recipe
+    check refuses the cache with it, and raises ``NotImplementedError`` here.
+    """
+
     steps_per_epoch: int
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]: ...
 
+    def batch_indices(self, epoch: int, start_step: int = 0) -> list[list[int]]: ...
+
 
 class EvalSource(Protocol):
+    """This process's share of the evaluation split: ``batches()`` yields ``(images, labels)`` as
+    :class:`TrainSource` does, from a disjoint, unpadded shard (every sample on exactly one
+    process); ``len`` counts the samples of all processes together."""
+
     def __len__(self) -> int: ...
 
     def batches(self) -> Iterator[Batch]: ...
@@ -71,7 +99,7 @@ def data_inputs(cfg: DataConfig, bundle: DataBundle) -> list[DataInput]:
     """The training and evaluation splits a run read, with a digest of their contents: the
     pixels and labels of in-memory data sets (digits, CIFAR), the relative path, size and label
     of every image file of a folder layout, the size and first MiB of a .beton file."""
-    splits = SPLITS.get(cfg.name, ("train", "val"))
+    splits = dataset_spec(cfg.name).splits
     if bundle.sources and isinstance(bundle.sources[0], Path):
         source = str(Path(cfg.ffcv_dir).resolve())
     elif cfg.root:
@@ -111,25 +139,13 @@ def _digest(base: Any, root: str) -> str:
 
 def build_dataset(name: str, root: str, split: str) -> Any:
     """A map-style dataset of ``(image, label)`` read from ``root`` in its original layout."""
-    if name not in SPLITS:
-        raise UserError(f"data.name: unknown data set {name!r}; expected one of: {', '.join(SPLITS)}")
-    if split not in SPLITS[name]:
-        raise UserError(f"data set {name!r} has splits {' and '.join(SPLITS[name])}, not {split!r}")
-    if name == "digits":
-        from nt_dist.data.digits import DigitsDataset
+    return dataset_spec(name).build(root, split)
 
-        return DigitsDataset(split)
-    if name in ("cifar10", "cifar100"):
-        from nt_dist.data.cifar import CifarDataset
 
-        return CifarDataset(root, split, num_classes=10 if name == "cifar10" else 100)
-    if name == "tinyimagenet":
-        from nt_dist.data.folders import TinyImageNetDataset
-
-        return TinyImageNetDataset(root, split)
-    from nt_dist.data.folders import ImageFolderDataset
-
-    return ImageFolderDataset(root, split)
+def build_splits(cfg: DataConfig) -> tuple[Any, Any]:
+    """The training and evaluation split of ``cfg.name``, read from ``cfg.root``."""
+    spec = dataset_spec(cfg.name)
+    return spec.build(cfg.root, spec.train_split), spec.build(cfg.root, spec.eval_split)
 
 
 def num_classes_of(dataset: Any) -> int:
@@ -137,84 +153,13 @@ def num_classes_of(dataset: Any) -> int:
 
 
 def build_data(cfg: DataConfig, seed: int, rank: int, world: int, device: torch.device) -> DataBundle:
-    """Training and evaluation sources for this process (rank ``rank`` of ``world``)."""
-    if cfg.loader == "ffcv":
-        try:
-            from nt_dist.data.ffcv_loader import build_ffcv_data
-        except ImportError as exc:
-            warn(f"ffcv is not importable ({exc}); using the torchvision loader")
-        else:
-            return build_ffcv_data(cfg, seed, rank, world, device)
-    train_split, eval_split = SPLITS[cfg.name] if cfg.name in SPLITS else ("train", "test")
-    train_base = build_dataset(cfg.name, cfg.root, train_split)
-    eval_base = build_dataset(cfg.name, cfg.root, eval_split)
-    if cfg.loader in ("auto", "device"):
-        bundle = _device_data(cfg, seed, rank, world, device, train_base, eval_base, train_split, eval_split)
-        if bundle is not None:
-            return bundle
-    for split in (train_base, eval_base):
-        if hasattr(split, "check"):  # image files: find unreadable ones before the first step
-            split.check(rank, world)
-    sources = (train_base, eval_base)
-    if cfg.train_subset:
-        train_base = _Subset(train_base, cfg.train_subset)
-    train = SeededTransformDataset(
-        train_base, build_transform(cfg.name, cfg.augment, cfg.image_size, train=True), seed, cfg.augment_views)
-    evaluation = SeededTransformDataset(
-        eval_base, build_transform(cfg.name, cfg.augment, cfg.image_size, train=False), seed)
-    _check_batch(cfg, len(train), world)
-    return DataBundle(
-        train=TorchTrainSource(train, cfg.name, cfg.batch_size, seed, rank, world, cfg.num_workers, device),
-        eval=TorchEvalSource(evaluation, cfg.name, cfg.eval_batch_size, rank, world, cfg.num_workers, device),
-        num_classes=num_classes_of(train_base),
-        train_size=len(train),
-        sources=sources,
-        eval_size=len(evaluation),
-    )
+    """Training and evaluation sources for this process (rank ``rank`` of ``world``), from the
+    builder of loader ``cfg.loader``."""
+    return loader_spec(cfg.loader).builder(cfg, seed, rank, world, device)
 
 
-def _check_batch(cfg: DataConfig, train_size: int, world: int) -> None:
+def check_batch(cfg: DataConfig, train_size: int, world: int) -> None:
+    """Every process gets at least one full batch per epoch (the incomplete tail is dropped)."""
     if train_size < cfg.batch_size * world:
         raise UserError(f"data.batch_size: {cfg.batch_size} x {world} processes exceeds the "
                         f"{train_size} training images")
-
-
-def _device_data(cfg: DataConfig, seed: int, rank: int, world: int, device: torch.device, train_base: Any,
-                 eval_base: Any, train_split: str, eval_split: str) -> DataBundle | None:
-    """The device-resident path, or None (``auto``, when the splits do not fit: the torch path)."""
-    from nt_dist.data import array_cache, device_loader
-
-    # sizes first: the cache keys digest every source file, work wasted on a split that does not fit
-    need = array_cache.array_bytes(len(train_base) + len(eval_base), cfg.image_size)
-    free = device_loader.free_bytes(device)
-    share = device_loader.AUTO_SHARE if cfg.loader == "auto" else device_loader.DEVICE_SHARE
-    if need > share * free:
-        problem = (f"{cfg.name} decoded at {cfg.image_size} px takes {need / 2**30:.2f} GiB "
-                   f"({len(train_base):,} + {len(eval_base):,} images), more than {share:.0%} of the "
-                   f"{free / 2**30:.2f} GiB free on {device}")
-        if cfg.loader == "device":
-            raise UserError(f"data.loader: device: {problem}; use data.loader: torch (reads the files as it "
-                            "goes, any size) or ffcv (write the .beton files first: nt-dist data write-ffcv)")
-        if rank == 0:
-            say(f"nt-dist: note: data.loader: auto: {problem}; using the torch loader")
-        return None
-    train_size = min(cfg.train_subset, len(train_base)) if cfg.train_subset else len(train_base)
-    _check_batch(cfg, train_size, world)
-    entries = device_loader.entries(cfg, train_base, eval_base, train_split, eval_split)
-    train, evaluation = device_loader.build_device_data(cfg, seed, rank, world, device, train_base, eval_base,
-                                                        *entries)
-    return DataBundle(train=train, eval=evaluation, num_classes=num_classes_of(train_base), train_size=train_size,
-                      sources=(train_base, eval_base), eval_size=len(eval_base))
-
-
-class _Subset:
-    """The first ``n`` samples (keeps ``classes``)."""
-
-    def __init__(self, base: Any, n: int) -> None:
-        self.base, self.n, self.classes = base, min(n, len(base)), base.classes
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> Any:
-        return self.base[index]

@@ -18,18 +18,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torchvision.transforms.v2 as T
 from torch import Tensor
 
-from nt_dist.config import DataConfig
-from nt_dist.data import array_cache
+from nt_dist.data import DataBundle, array_cache, build_splits, check_batch, dataset_spec, num_classes_of
 from nt_dist.data.device_aug import augment
-from nt_dist.data.torch_loader import epoch_permutation, eval_shard, rank_batch
-from nt_dist.data.transforms import Normalise, build_transform
+from nt_dist.data.torch_loader import RankSource, build_torch_data, epoch_permutation, eval_shard, rank_batch
+from nt_dist.data.transforms import build_transform
+from nt_dist.errors import UserError, say
+
+if TYPE_CHECKING:
+    from nt_dist.config import DataConfig
 
 Batch = tuple[Tensor, Tensor]
 AUTO_SHARE = 0.5  # loader: auto picks the device path when the splits take at most this share
@@ -37,21 +40,14 @@ DEVICE_SHARE = 0.9  # loader: device refuses splits larger than this share of fr
 
 
 @dataclass
-class DeviceTrainSource:
+class DeviceTrainSource(RankSource):
+    """:class:`~nt_dist.data.TrainSource`: the whole split on the device, augmented batch-wise there."""
+
     images: Tensor  # uint8 [N, 3, S, S], whole training split (train_subset: the first N)
     labels: Tensor  # int64 [N] on the device
-    dataset_name: str
     augment: str
-    batch_size: int
     seed: int
-    rank: int
-    world: int
     views: int
-    device: torch.device
-    normalise: Normalise = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.normalise = Normalise(self.dataset_name, self.device)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -75,18 +71,12 @@ class DeviceTrainSource:
 
 
 @dataclass
-class DeviceEvalSource:
+class DeviceEvalSource(RankSource):
+    """:class:`~nt_dist.data.EvalSource`: the whole split on the device, as the torch loader's
+    evaluation transform made it."""
+
     images: Tensor
     labels: Tensor
-    dataset_name: str
-    batch_size: int
-    rank: int
-    world: int
-    device: torch.device
-    normalise: Normalise = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.normalise = Normalise(self.dataset_name, self.device)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -107,15 +97,40 @@ def _gather(images: Tensor, index: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------- building
 
 
+def build_device_data(cfg: DataConfig, seed: int, rank: int, world: int, device: torch.device) -> DataBundle:
+    """``data.loader: device``, or ``auto``: the device path where the decoded splits fit
+    (:data:`AUTO_SHARE` of the free memory), else the torch path. Sizes are checked first: the
+    cache keys digest every source file, work wasted on splits that do not fit."""
+    train_base, eval_base = build_splits(cfg)
+    need = array_cache.array_bytes(len(train_base) + len(eval_base), cfg.image_size)
+    free = free_bytes(device)
+    share = AUTO_SHARE if cfg.loader == "auto" else DEVICE_SHARE
+    if need > share * free:
+        problem = (f"{cfg.name} decoded at {cfg.image_size} px takes {need / 2**30:.2f} GiB "
+                   f"({len(train_base):,} + {len(eval_base):,} images), more than {share:.0%} of the "
+                   f"{free / 2**30:.2f} GiB free on {device}")
+        if cfg.loader == "device":
+            raise UserError(f"data.loader: device: {problem}; use data.loader: torch (reads the files as it "
+                            "goes, any size) or ffcv (write the .beton files first: nt-dist data write-ffcv)")
+        if rank == 0:
+            say(f"nt-dist: note: data.loader: auto: {problem}; using the torch loader")
+        return build_torch_data(cfg, seed, rank, world, device, (train_base, eval_base))
+    train_size = min(cfg.train_subset, len(train_base)) if cfg.train_subset else len(train_base)
+    check_batch(cfg, train_size, world)
+    train, evaluation = _device_sources(cfg, seed, rank, world, device, train_base, eval_base)
+    return DataBundle(train=train, eval=evaluation, num_classes=num_classes_of(train_base), train_size=train_size,
+                      sources=(train_base, eval_base), eval_size=len(eval_base))
+
+
 def train_transform(image_size: int) -> T.Compose:
     """What the training split is cached as: the whole image at ``image_size`` (augmentation is
     applied later, batch-wise; ``rrc_flip`` crops from this image, not from the original)."""
     return T.Compose([T.ToImage(), T.Resize((image_size, image_size), antialias=True)])
 
 
-def entries(cfg: DataConfig, train_base: Any, eval_base: Any, train_split: str,
-            eval_split: str) -> tuple[array_cache.Entry, array_cache.Entry]:
+def entries(cfg: DataConfig, train_base: Any, eval_base: Any) -> tuple[array_cache.Entry, array_cache.Entry]:
     """The cache entries of both splits (not yet written)."""
+    train_split, eval_split = dataset_spec(cfg.name).splits
     eval_protocol = "eval-rrc" if cfg.augment == "rrc_flip" else "eval-resize"
     return (array_cache.entry_for(train_base, cfg.name, cfg.root, train_split, cfg.image_size, "train-resize",
                                   cfg.cache_dir),
@@ -137,10 +152,10 @@ def free_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def build_device_data(cfg: DataConfig, seed: int, rank: int, world: int, device: torch.device, train_base: Any,
-                      eval_base: Any, train_entry: array_cache.Entry,
-                      eval_entry: array_cache.Entry) -> tuple[DeviceTrainSource, DeviceEvalSource]:
-    """Decode (once) and load both splits; the sources of :class:`~nt_dist.data.DataBundle`."""
+def _device_sources(cfg: DataConfig, seed: int, rank: int, world: int, device: torch.device, train_base: Any,
+                    eval_base: Any) -> tuple[DeviceTrainSource, DeviceEvalSource]:
+    """Decode (once) and load both splits."""
+    train_entry, eval_entry = entries(cfg, train_base, eval_base)
     array_cache.ensure(train_entry, train_base, train_transform(cfg.image_size), cfg.num_workers,
                        f"{cfg.name} training split")
     array_cache.ensure(eval_entry, eval_base, build_transform(cfg.name, cfg.augment, cfg.image_size, train=False),
@@ -149,7 +164,7 @@ def build_device_data(cfg: DataConfig, seed: int, rank: int, world: int, device:
     if cfg.train_subset:
         train_images, train_labels = train_images[:cfg.train_subset], train_labels[:cfg.train_subset]
     eval_images, eval_labels = array_cache.load(eval_entry, device)
-    train = DeviceTrainSource(train_images, train_labels, cfg.name, cfg.augment, cfg.batch_size, seed, rank, world,
-                              cfg.augment_views, device)
-    evaluation = DeviceEvalSource(eval_images, eval_labels, cfg.name, cfg.eval_batch_size, rank, world, device)
+    train = DeviceTrainSource(cfg.name, cfg.batch_size, rank, world, device, train_images, train_labels, cfg.augment,
+                              seed, cfg.augment_views)
+    evaluation = DeviceEvalSource(cfg.name, cfg.eval_batch_size, rank, world, device, eval_images, eval_labels)
     return train, evaluation

@@ -37,7 +37,7 @@ from ffcv.types import (
 from ffcv.writer import DatasetWriter
 from tqdm import tqdm
 
-from nt_dist.data import SPLITS, build_dataset
+from nt_dist.data import DATASETS, build_dataset, dataset_spec
 from nt_dist.errors import EXIT_USER_ERROR, UserError
 
 IMAGE, LABEL = "image", "label"  # field names inside every .beton we write
@@ -48,7 +48,7 @@ COMMAND = "nt-dist data write-ffcv"
 def write_ffcv(dataset_name: str, root: str, out_dir: str, max_res: int | None = None,
                jpeg_quality: int = 90, raw: bool = False, workers: int = 1) -> dict[str, Any]:
     """Write both splits of ``dataset_name`` (read from ``root``) and the summary; return it."""
-    datasets = {split: build_dataset(dataset_name, root, split) for split in SPLITS[dataset_name]}
+    datasets = {split: build_dataset(dataset_name, root, split) for split in dataset_spec(dataset_name).splits}
     return write_splits(dataset_name, datasets, out_dir, max_res, jpeg_quality, raw, workers)
 
 
@@ -137,7 +137,7 @@ def main(argv: Sequence[str]) -> int:
     """``nt-dist data write-ffcv``: returns the exit status (2 and one line for user errors)."""
     parser = argparse.ArgumentParser(
         prog=COMMAND, description="Write a data set's training and evaluation splits as FFCV .beton files.")
-    parser.add_argument("--dataset", required=True, choices=list(SPLITS), help="data set name")
+    parser.add_argument("--dataset", required=True, choices=list(DATASETS), help="data set name")
     parser.add_argument("--root", default="", help="folder holding the data set as distributed")
     parser.add_argument("--out", required=True, help="output folder (train.beton, <eval>.beton, summary.json)")
     parser.add_argument("--max-res", type=int, default=None, help="resize so the longer side is at most N px")

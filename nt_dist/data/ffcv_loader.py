@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,15 +43,17 @@ from ffcv.transforms import (
     ToTorchImage,
 )
 
-from nt_dist.config import DataConfig
-from nt_dist.data import SPLITS, DataBundle
+from nt_dist.data import LOADERS, DataBundle, check_batch, dataset_spec
 from nt_dist.data.ffcv_io import COMMAND, IMAGE, LABEL, SUMMARY, check_beton
 from nt_dist.data.transforms import normalisation
 from nt_dist.errors import UserError
 
+if TYPE_CHECKING:
+    from nt_dist.config import DataConfig
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
-AUGMENTS = ("none", "shift", "pad_crop_flip", "rrc_flip")  # those with an ffcv pipeline below
+AUGMENTS = LOADERS["ffcv"].augments  # those with an ffcv pipeline below
 EVAL_CROP = 0.875  # rrc_flip evaluation: centre crop of 87.5 % of the shorter side (224 of 256)
 PADDING = {"shift": 2, "pad_crop_flip": 4}  # pixels of zero-filled translation
 
@@ -66,16 +68,14 @@ def build_ffcv_data(cfg: DataConfig, seed: int, rank: int, world: int, device: t
     if world > 1 and not (dist.is_initialized() and dist.get_world_size() == world and dist.get_rank() == rank):
         raise RuntimeError(f"build_ffcv_data(rank={rank}, world={world}) needs the matching "
                            "torch.distributed process group initialised first")
-    train_split, eval_split = SPLITS.get(cfg.name, ("train", "test"))
+    train_split, eval_split = dataset_spec(cfg.name).splits
     summary = _read_summary(cfg)
     train_path, eval_path = (_beton(cfg, split) for split in (train_split, eval_split))
     train_size = check_beton(train_path)
     eval_size = check_beton(eval_path)
     if cfg.train_subset:
         train_size = min(train_size, cfg.train_subset)
-    if train_size < cfg.batch_size * world:
-        raise UserError(f"data.batch_size: {cfg.batch_size} x {world} processes exceeds the "
-                        f"{train_size} training images")
+    check_batch(cfg, train_size, world)
     finish = _Finish(cfg.name, device)
     threads = cfg.num_workers or -1  # ffcv decodes in threads; -1: one per core
     train = Loader(str(train_path), batch_size=cfg.batch_size, num_workers=threads,
@@ -99,6 +99,10 @@ class FfcvTrainSource:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         yield from _iterate(self.loader, epoch, start_step, self.finish)
+
+    def batch_indices(self, epoch: int, start_step: int = 0) -> list[list[int]]:
+        raise NotImplementedError("the ffcv loader has no per-sample indices (LoaderSpec.logit_cache is false: "
+                                  "the recipe check refuses nasty/distill.cache_logits with data.loader: ffcv)")
 
 
 class FfcvEvalSource:

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from nt_dist.data.transforms import Normalise, sample_seed
+from nt_dist.data import DataBundle, build_splits, check_batch, num_classes_of
+from nt_dist.data.transforms import Normalise, build_transform, sample_seed
+
+if TYPE_CHECKING:
+    from nt_dist.config import DataConfig
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -73,19 +77,30 @@ def eval_shard(n: int, rank: int, world: int) -> list[int]:
 
 
 @dataclass
-class TorchTrainSource:
-    dataset: SeededTransformDataset
+class RankSource:
+    """What every source of the torch and device loaders holds: its place among the processes
+    (rank ``rank`` of ``world``), its batch size, and the data set's normalisation, made once on
+    the training device the batches end on."""
+
     dataset_name: str
     batch_size: int
-    seed: int
     rank: int
     world: int
-    num_workers: int
     device: torch.device
     normalise: Normalise = field(init=False)
 
     def __post_init__(self) -> None:
         self.normalise = Normalise(self.dataset_name, self.device)
+
+
+@dataclass
+class TorchTrainSource(RankSource):
+    """:class:`~nt_dist.data.TrainSource`: ``dataset`` transformed per sample in ``num_workers``
+    DataLoader processes."""
+
+    dataset: SeededTransformDataset
+    seed: int
+    num_workers: int
 
     @property
     def steps_per_epoch(self) -> int:
@@ -104,18 +119,11 @@ class TorchTrainSource:
 
 
 @dataclass
-class TorchEvalSource:
-    dataset: SeededTransformDataset
-    dataset_name: str
-    batch_size: int
-    rank: int
-    world: int
-    num_workers: int
-    device: torch.device
-    normalise: Normalise = field(init=False)
+class TorchEvalSource(RankSource):
+    """:class:`~nt_dist.data.EvalSource` over ``dataset`` (its transform fixed: views of epoch 0)."""
 
-    def __post_init__(self) -> None:
-        self.normalise = Normalise(self.dataset_name, self.device)
+    dataset: SeededTransformDataset
+    num_workers: int
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -137,3 +145,45 @@ def _to_device(loader: DataLoader, device: torch.device, normalise: Normalise) -
     for images, labels in loader:
         images = normalise(images.to(device, non_blocking=True))
         yield images, labels.to(device, non_blocking=True)
+
+
+# ------------------------------------------------------------------------------- building
+
+
+def build_torch_data(cfg: DataConfig, seed: int, rank: int, world: int, device: torch.device,
+                     bases: tuple[Any, Any] | None = None) -> DataBundle:
+    """``data.loader: torch``: both splits of ``cfg.name`` (``bases``: already read) transformed
+    per sample in DataLoader workers, this rank's shard of each."""
+    train_base, eval_base = bases or build_splits(cfg)
+    for split in (train_base, eval_base):
+        if hasattr(split, "check"):  # image files: find unreadable ones before the first step
+            split.check(rank, world)
+    sources = (train_base, eval_base)
+    if cfg.train_subset:
+        train_base = _Subset(train_base, cfg.train_subset)
+    train = SeededTransformDataset(
+        train_base, build_transform(cfg.name, cfg.augment, cfg.image_size, train=True), seed, cfg.augment_views)
+    evaluation = SeededTransformDataset(
+        eval_base, build_transform(cfg.name, cfg.augment, cfg.image_size, train=False), seed)
+    check_batch(cfg, len(train), world)
+    return DataBundle(
+        train=TorchTrainSource(cfg.name, cfg.batch_size, rank, world, device, train, seed, cfg.num_workers),
+        eval=TorchEvalSource(cfg.name, cfg.eval_batch_size, rank, world, device, evaluation, cfg.num_workers),
+        num_classes=num_classes_of(train_base),
+        train_size=len(train),
+        sources=sources,
+        eval_size=len(evaluation),
+    )
+
+
+class _Subset:
+    """The first ``n`` samples (keeps ``classes``)."""
+
+    def __init__(self, base: Any, n: int) -> None:
+        self.base, self.n, self.classes = base, min(n, len(base)), base.classes
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> Any:
+        return self.base[index]

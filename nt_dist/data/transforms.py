@@ -13,18 +13,14 @@ from typing import Any
 import torch
 import torchvision.transforms.v2 as T
 
-# (mean, std) per data set, on 0..1 pixels.
-STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "digits": ((0.3054,) * 3, (0.3187,) * 3),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "tinyimagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
-    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
+from nt_dist.data.specs import dataset_spec
 
 
 def normalisation(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    return STATS.get(dataset, STATS["imagefolder"])
+    """(mean, std) per channel of data set ``dataset``, on 0..1 pixels (its :class:`~nt_dist.data.specs.DatasetSpec`);
+    an unknown name is a one-line UserError."""
+    spec = dataset_spec(dataset)
+    return spec.mean, spec.std
 
 
 def build_transform(dataset: str, augment: str, image_size: int, train: bool) -> Callable[[Any], torch.Tensor]:
