@@ -1,0 +1,207 @@
+"""The pipeline file: its schema (pydantic models), :func:`load_pipeline` and the rules a file
+must keep beyond its types (references between sections, reserved and duplicate labels, recipe
+files that exist, folder names that stay distinct).
+
+Nothing here builds stages: :mod:`nt_dist.pipeline.graph` expands a :class:`Pipeline`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import ConfigDict, Field
+
+from nt_dist.errors import UserError
+
+Kind = Literal["teacher", "nasty", "student", "baseline"]
+KINDS: tuple[str, ...] = ("teacher", "nasty", "student", "baseline")
+BASELINE_ROW = "student baseline"
+TEACHER_COLUMN = "teacher"
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+Overrides = dict[str, Any]
+
+
+class TeacherSpec(pydantic.BaseModel):
+    model_config = _STRICT
+    recipe: str
+    set: Overrides = Field(default_factory=dict)
+    distill: bool = True  # false: only an adversary (no students, not a row)
+    # an existing model (model.safetensors or its run folder): the row is served from it, not trained
+    checkpoint: str = ""
+
+
+class NastySpec(TeacherSpec):
+    adversary: str  # a key of `teachers`
+
+
+class DefenceSpec(pydantic.BaseModel):
+    """A row that serves another row's teacher through a defence: its students get ``set``
+    (e.g. ``{defence.name: stingy}``); the teacher is not trained again."""
+
+    model_config = _STRICT
+    teacher: str  # a key of `teachers` or `nasty`
+    set: Overrides = Field(default_factory=dict)
+
+
+class StudentSpec(pydantic.BaseModel):
+    model_config = _STRICT
+    recipe: str
+    set: Overrides = Field(default_factory=dict)
+    baseline: bool = True  # train this student alone too (the column's baseline)
+    self: bool = False  # the student has its teacher's architecture; baseline: the row's normal teacher
+    teachers: list[str] | None = None  # rows it learns from; None: every row; []: none (only the baseline)
+
+
+class SweepSpec(pydantic.BaseModel):
+    model_config = _STRICT
+    values: list[Any] = Field(min_length=1)
+    stages: list[Kind] | None = None
+
+
+class PipelineSpec(pydantic.BaseModel):
+    model_config = _STRICT
+    pipeline: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    paper: str = ""
+    experiment: str = ""  # "": the pipeline's name
+    output_dir: str = ""  # "": runs/<pipeline>
+    launcher: str = "local"
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    set: Overrides = Field(default_factory=dict)
+    teachers: dict[str, TeacherSpec] = Field(default_factory=dict)
+    nasty: dict[str, NastySpec] = Field(default_factory=dict)
+    defences: dict[str, DefenceSpec] = Field(default_factory=dict)
+    students: dict[str, StudentSpec] = Field(default_factory=dict)
+    sweep: dict[str, list[Any] | SweepSpec] = Field(default_factory=dict)
+    slurm: dict[str, str | int] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A validated pipeline file; paths of its recipes are absolute."""
+
+    spec: PipelineSpec
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.spec.pipeline
+
+    @property
+    def experiment(self) -> str:
+        return self.spec.experiment or self.spec.pipeline
+
+    def recipe_path(self, relative: str) -> Path:
+        return (self.path.parent / relative).resolve()
+
+
+def slug(text: str) -> str:
+    """A label as a folder name: lower case, runs of anything but letters, digits and dots as ``-``."""
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-")
+
+
+def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
+    """Read and validate a pipeline file; errors are one line naming the file and the key."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: pipeline file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the pipeline file ({exc})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: unreadable YAML{where}") from None
+    if not isinstance(tree, dict) or "pipeline" not in tree:
+        raise UserError(f"{path}: not a pipeline file (expected a mapping with a `pipeline:` name; a recipe "
+                        "runs with nt-dist train)")
+    try:
+        spec = PipelineSpec.model_validate(tree)
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("list[", "function-")))
+        raise UserError(f"{path}: {key}: {err['msg'][0].lower()}{err['msg'][1:]}") from None
+    pipeline = Pipeline(spec, path.resolve())
+    _check(pipeline, path)
+    return pipeline
+
+
+def _check(p: Pipeline, path: Path) -> None:
+    """The rules the types do not hold, in the order their errors are reported."""
+    _check_rows(p.spec, path)
+    _check_students(p.spec, path)
+    _check_entries(p, path)
+    _check_folder_names(p.spec, path)
+    _check_sweep_and_seeds(p.spec, path)
+
+
+def _rows(spec: PipelineSpec) -> list[str]:
+    """Every row label: teachers, nasty and defences share one namespace."""
+    return [*spec.teachers, *spec.nasty, *spec.defences]
+
+
+def _check_rows(spec: PipelineSpec, path: Path) -> None:
+    if not spec.teachers and not spec.students:
+        raise UserError(f"{path}: teachers: a pipeline needs teachers or students")
+    rows = _rows(spec)
+    if len(set(rows)) != len(rows) or BASELINE_ROW in rows:
+        raise UserError(f"{path}: nasty: a row label is used twice (teachers, nasty and defences share one "
+                        f"namespace; {BASELINE_ROW!r} is reserved)")
+    for label, nasty in spec.nasty.items():
+        if nasty.adversary not in spec.teachers:
+            raise UserError(f"{path}: nasty.{label}.adversary: {nasty.adversary!r} is not a key of teachers "
+                            f"({', '.join(spec.teachers) or 'none'})")
+        if nasty.checkpoint:
+            raise UserError(f"{path}: nasty.{label}.checkpoint: a given model is a teachers entry (a nasty row is "
+                            "trained against its adversary)")
+    for label, defence in spec.defences.items():
+        if defence.teacher not in [*spec.teachers, *spec.nasty]:
+            raise UserError(f"{path}: defences.{label}.teacher: {defence.teacher!r} is not a key of teachers or "
+                            "nasty")
+
+
+def _check_students(spec: PipelineSpec, path: Path) -> None:
+    rows = _rows(spec)
+    for label, student in spec.students.items():
+        for row in student.teachers or []:
+            if row not in rows:
+                raise UserError(f"{path}: students.{label}.teachers: {row!r} is not a row ({', '.join(rows)})")
+        if label == TEACHER_COLUMN:
+            raise UserError(f"{path}: students.{label}: {TEACHER_COLUMN!r} is reserved for the teachers' column")
+
+
+def _check_entries(p: Pipeline, path: Path) -> None:
+    """Every recipe file exists, every label names a folder, every given model exists."""
+    spec = p.spec
+    for section, entries in (("teachers", spec.teachers), ("nasty", spec.nasty), ("students", spec.students)):
+        for label, entry in entries.items():
+            if not p.recipe_path(entry.recipe).is_file():
+                raise UserError(f"{path}: {section}.{label}.recipe: {p.recipe_path(entry.recipe)} not found")
+            if not slug(label):
+                raise UserError(f"{path}: {section}.{label}: a label needs a letter or digit")
+    for label, teacher in spec.teachers.items():
+        if teacher.checkpoint and not Path(teacher.checkpoint).exists():
+            raise UserError(f"{path}: teachers.{label}.checkpoint: {teacher.checkpoint} not found")
+
+
+def _check_folder_names(spec: PipelineSpec, path: Path) -> None:
+    """Two labels of one namespace must not share a folder name."""
+    for kind, labels in (("nasty", _rows(spec)), ("students", list(spec.students))):
+        slugs = [slug(label) for label in labels]
+        clash = next((label for label, s in zip(labels, slugs, strict=True) if slugs.count(s) > 1), None)
+        if clash is not None:
+            raise UserError(f"{path}: {kind}.{clash}: its folder name {slug(clash)!r} is shared with another label")
+
+
+def _check_sweep_and_seeds(spec: PipelineSpec, path: Path) -> None:
+    for key in spec.sweep:
+        if key.count(".") != 1:
+            raise UserError(f"{path}: sweep.{key}: expected a recipe key section.key (e.g. nasty.omega)")
+    if len(set(spec.seeds)) != len(spec.seeds) or any(s < 0 for s in spec.seeds):
+        raise UserError(f"{path}: seeds: expected distinct non-negative integers, got {spec.seeds}")
