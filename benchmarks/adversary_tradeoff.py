@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 from nt_dist.checkpoint import load_frozen_model  # noqa: E402
 from nt_dist.config import load_recipe  # noqa: E402
 from nt_dist.data import build_data  # noqa: E402
-from nt_dist.frozen import frozen_logits, native_bf16  # noqa: E402
+from nt_dist.frozen_network import frozen_logits, native_bf16  # noqa: E402
 from nt_dist.losses import soft_kl  # noqa: E402
 from nt_dist.models import create_model  # noqa: E402
 from nt_dist.train import train  # noqa: E402

@@ -46,9 +46,11 @@ sys.path.insert(0, str(REPO))
 
 from nt_dist.config import DataConfig  # noqa: E402
 from nt_dist.data import build_data  # noqa: E402
-from nt_dist.frozen import FrozenNetwork, LogitCache, native_bf16  # noqa: E402
+from nt_dist.frozen_network import FrozenNetwork, LogitCache, native_bf16  # noqa: E402
 from nt_dist.models import create_model  # noqa: E402
-from nt_dist.train import ce_step, nasty_step, student_step  # noqa: E402
+from nt_dist.objectives.kd import student_step  # noqa: E402
+from nt_dist.objectives.nasty import nasty_step  # noqa: E402
+from nt_dist.objectives.teacher import ce_step  # noqa: E402
 
 # dense peak FLOP/s by (device-name fragment, precision)
 PEAKS = {("H100", "bf16"): 989e12, ("H100", "no"): 494e12, ("H200", "bf16"): 989e12, ("H200", "no"): 494e12,

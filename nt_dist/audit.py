@@ -1,7 +1,7 @@
 """``nt-dist audit``: how well a teacher resists being stolen, before it is released.
 
 The teacher under audit (usually a nasty teacher) and a reference (a normal teacher of the same
-architecture) face a battery of attacks (:mod:`nt_dist.attacks`: Hinton KD over a grid of τ_s
+architecture) face a battery of attacks (:mod:`nt_dist.objectives`: Hinton KD over a grid of τ_s
 and α, top-k KD, the Skeptical Student, DAFL, DeepInversion); the reference is also served
 through the other defences (:mod:`nt_dist.defences`: Stingy top-k, logit noise), and the
 student is trained alone. The battery is an ordinary pipeline file (``<out>/audit.yaml``: rows
@@ -31,10 +31,10 @@ from typing import Any, NamedTuple
 import torch
 import yaml
 
-from nt_dist.config import METHODS
+from nt_dist import objectives
 from nt_dist.errors import UserError, say
+from nt_dist.formatting import mean_spread, signed
 
-ATTACKS = METHODS  # distill.method, in the report's order
 DEFENCES = ("stingy", "noise")
 REFERENCE = "reference"
 AUDITED = "under audit"
@@ -48,7 +48,7 @@ class AuditPlan:
     teacher: str
     reference: str
     recipe: Path  # the student's recipe: data set, network, optimiser, budgets of each attack
-    attacks: tuple[str, ...] = ATTACKS
+    attacks: tuple[str, ...] = field(default_factory=objectives.attack_names)  # every registered attack
     kd_taus: tuple[float, ...] = (4.0, 20.0)
     kd_alphas: tuple[float, ...] = (0.5, 0.9)
     top_k: int = 2
@@ -70,12 +70,13 @@ class Row:
 
 
 def parse_attacks(names: list[str]) -> tuple[str, ...]:
-    """``--attacks``: names of :data:`ATTACKS` (``all`` for every one)."""
+    """``--attacks``: registered attack names (``all``: every one, in registration order)."""
+    registered = objectives.attack_names()
     if names == ["all"]:
-        return ATTACKS
+        return registered
     for name in names:
-        if name not in ATTACKS:
-            raise UserError(f"--attacks: unknown attack {name!r}; expected: {', '.join(ATTACKS)} (or all)")
+        if name not in registered:
+            raise UserError(f"--attacks: unknown attack {name!r}; expected: {', '.join(registered)} (or all)")
     return tuple(dict.fromkeys(names))
 
 
@@ -89,22 +90,11 @@ def parse_defences(names: list[str]) -> tuple[str, ...]:
 
 
 def attack_columns(plan: AuditPlan) -> dict[str, dict[str, Any]]:
-    """Column label -> the student overrides of that attack, in the report's order."""
+    """Column label -> the student overrides of that attack, in the report's order (each
+    attack's :meth:`~nt_dist.objectives.Objective.audit_columns`)."""
     columns: dict[str, dict[str, Any]] = {}
-    for attack in plan.attacks:
-        if attack == "kd":
-            for tau in plan.kd_taus:
-                for alpha in plan.kd_alphas:
-                    columns[f"KD τ={tau:g} α={alpha:g}"] = {"distill.method": "kd", "distill.tau": tau,
-                                                            "distill.alpha": alpha}
-        elif attack == "topk":
-            columns[f"top-{plan.top_k} KD"] = {"distill.method": "topk", "distill.top_k": plan.top_k}
-        elif attack == "skeptical":
-            columns["Skeptical"] = {"distill.method": "skeptical"}
-        elif attack == "dafl":  # DAFL's own student loss: KL at τ = 1, no labels
-            columns["DAFL"] = {"distill.method": "dafl", "distill.tau": 1.0, "distill.alpha": 1.0}
-        elif attack == "deepinversion":
-            columns["DeepInversion"] = {"distill.method": "deepinversion", "distill.alpha": 1.0}
+    for name in plan.attacks:
+        columns.update(objectives.attack(name, "--attacks").audit_columns(plan))
     return columns
 
 
@@ -164,15 +154,16 @@ def check(plan: AuditPlan) -> Checked:
 
 
 def dataset_classes(recipe: Any) -> int:
-    """The class count of the recipe's data set, read as cheaply as its layout allows."""
-    from nt_dist.data import build_dataset, num_classes_of
+    """The class count of the recipe's data set, read as cheaply as its layout allows: the
+    model's, its :class:`~nt_dist.data.DatasetSpec`'s, or (an image folder) its class folders."""
+    from nt_dist.data import build_dataset, dataset_spec, num_classes_of
 
-    known = {"digits": 10, "cifar10": 10, "cifar100": 100, "tinyimagenet": 200}
     if recipe.model.num_classes:
         return int(recipe.model.num_classes)
-    if recipe.data.name in known:
-        return known[recipe.data.name]
-    return num_classes_of(build_dataset(recipe.data.name, recipe.data.root, "val"))
+    spec = dataset_spec(recipe.data.name)
+    if spec.num_classes is not None:
+        return spec.num_classes
+    return num_classes_of(build_dataset(recipe.data.name, recipe.data.root, spec.eval_split))
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -207,7 +198,7 @@ def _pairs(overrides: tuple[str, ...]) -> list[tuple[str, Any]]:
 
 
 def write_pipeline(plan: AuditPlan, tree: dict[str, Any]) -> Path:
-    from nt_dist.checkpoint import atomic_write_text
+    from nt_dist.fileio import atomic_write_text
 
     path = plan.out / "audit.yaml"
     plan.out.mkdir(parents=True, exist_ok=True)
@@ -228,21 +219,16 @@ def released_top1s(recipe: Any, rows: dict[str, tuple[Path, str, dict[str, Any]]
     from nt_dist.config import DefenceConfig
     from nt_dist.data import build_data
     from nt_dist.defences import release
-    from nt_dist.train import make_model
+    from nt_dist.evaluation import evaluate
+    from nt_dist.models import build_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = build_data(recipe.data, recipe.run.seed, 0, 1, device)
     scores = {}
     for label, (model_file, key, defence) in rows.items():
-        network, _ = load_frozen_model("", str(model_file), data.num_classes, key, make_model)
+        network, _ = load_frozen_model("", str(model_file), data.num_classes, key, build_model)
         settings = DefenceConfig(**{k.removeprefix("defence."): v for k, v in defence.items()})
-        network = release(network.to(device), settings, recipe.run.seed)
-        hits = count = 0
-        with torch.inference_mode():
-            for images, labels in data.eval.batches():
-                hits += int((network(images).argmax(dim=1) == labels).sum())
-                count += len(labels)
-        scores[label] = 100.0 * hits / max(1, count)
+        scores[label] = evaluate(release(network.to(device), settings, recipe.run.seed), data.eval)["test_top1"]
     return scores
 
 
@@ -298,17 +284,6 @@ def verdict(p: Protection, threshold: float, row: str = AUDITED) -> str:
     return f"not protected: the attack wins by {-margin:.2f} points{gap}"
 
 
-def _fmt(values: list[float] | None) -> str:
-    if not values:
-        return "–"
-    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
-    return f"{statistics.fmean(values):.2f}{spread}"
-
-
-def _signed(value: float | None) -> str:
-    return "–" if value is None else f"{value:+.2f}".replace("-", "−")
-
-
 def markdown(plan: AuditPlan, student: str, dataset: str, teachers: dict[str, float], rows: list[str],
              table: list[Protection], seeds: int) -> str:
     reference = teachers.get(REFERENCE)
@@ -320,7 +295,7 @@ def markdown(plan: AuditPlan, student: str, dataset: str, teachers: dict[str, fl
     for row in rows:
         top1 = teachers.get(row)
         cost = None if top1 is None or reference is None or row == REFERENCE else top1 - reference
-        lines.append(f"| {row} | {'–' if top1 is None else f'{top1:.2f}'} | {_signed(cost)} |")
+        lines.append(f"| {row} | {'–' if top1 is None else f'{top1:.2f}'} | {signed(cost)} |")
     protected = [r for r in rows if r != REFERENCE]
     header = ["attack", "student alone", f"from {REFERENCE}"]
     for row in protected:
@@ -328,9 +303,9 @@ def markdown(plan: AuditPlan, student: str, dataset: str, teachers: dict[str, fl
     header.append("verdict (under audit)")
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for p in table:
-        cells = [p.attack, _fmt(p.alone), _fmt(p.stolen.get(REFERENCE))]
+        cells = [p.attack, mean_spread(p.alone), mean_spread(p.stolen.get(REFERENCE))]
         for row in protected:
-            cells += [_fmt(p.stolen.get(row)), _signed(p.margin(row))]
+            cells += [mean_spread(p.stolen.get(row)), signed(p.margin(row))]
         cells.append(verdict(p, plan.threshold))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *[f"- **{p.attack}**: {verdict(p, plan.threshold)}" for p in table]]
@@ -390,7 +365,7 @@ def run_audit(plan: AuditPlan, *, parallel: int = 1, launcher: str | None = None
     """Check, write ``<out>/audit.yaml``, run it, evaluate the teachers as released, write the
     protection report (Markdown, CSV, PNG) and log it to MLflow. Returns the exit code."""
     from nt_dist import pipeline, report
-    from nt_dist.checkpoint import atomic_write_text
+    from nt_dist.fileio import atomic_write_text
 
     teacher, reference, student, recipe = check(plan)
     tree = pipeline_tree(plan, teacher, reference, student)

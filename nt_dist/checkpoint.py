@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,9 +26,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from nt_dist.errors import UserError, warn
+from nt_dist.fileio import atomic_save_tensors, atomic_write_text, fsync_dir
 
 MODEL_FILE = "model.safetensors"
 CACHE_FILE = "logit_cache.safetensors"
@@ -48,42 +48,6 @@ class TrainState:
     mlflow_run_id: str = ""
 
 
-# ----------------------------------------------------------------------------- atomic files
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the file is as readable as any other
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ----------------------------------------------------------------------------- model export
 
 
@@ -94,17 +58,6 @@ def export_model(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict
     tensors = {k: (v.float() if v.is_floating_point() else v).detach().to("cpu").contiguous()
                for k, v in state_dict.items()}
     atomic_save_tensors(tensors, path, {"format": FORMAT, **{k: str(v) for k, v in metadata.items()}})
-
-
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """safetensors file written through a temporary file and a rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def resolve_model_file(path: str, key: str) -> Path:
@@ -202,18 +155,18 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
 
 
 def save_training_state(accelerator: Any, output_dir: Path, state: TrainState, keep_last: int,
-                        token: str = "") -> Path:
+                        tmp_tag: str = "") -> Path:
     """Write the whole training state for ``state.global_step`` and rename it into place.
 
     Every process writes its part (RNG states; shards under DeepSpeed) into one temporary
     folder; after a barrier the main process writes the counters last, renames the folder to
-    ``step_<n>`` (atomic on POSIX) and prunes all but the newest ``keep_last``. ``token`` (the
-    same on every rank, unique per run process) keeps temporary names apart. A write that fails
+    ``step_<n>`` (atomic on POSIX) and prunes all but the newest ``keep_last``. ``tmp_tag`` (the
+    same on every rank, unique per run process: the main process's pid) keeps temporary names apart. A write that fails
     (no space left) removes its temporary folder and leaves the older checkpoints as they were.
     """
     root = output_dir / CHECKPOINTS
     final = root / f"step_{state.global_step:09d}"
-    tmp = root / f"{TMP_PREFIX}step_{state.global_step:09d}{'-' + token if token else ''}"
+    tmp = root / f"{TMP_PREFIX}step_{state.global_step:09d}{'-' + tmp_tag if tmp_tag else ''}"
     try:
         return _save_into(accelerator, output_dir, state, keep_last, root, tmp, final)
     except BaseException:
@@ -248,11 +201,11 @@ def _save_into(accelerator: Any, output_dir: Path, state: TrainState, keep_last:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_text(tmp / STATE_FILE, json.dumps(asdict(state), indent=1))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         for old in checkpoint_dirs(output_dir)[keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -38,6 +38,8 @@ from nt_dist.errors import (
 
 
 def _parser() -> argparse.ArgumentParser:
+    from nt_dist import objectives  # the registered attacks, for --attacks' help
+
     parser = argparse.ArgumentParser(prog="nt-dist", description="Nasty-teacher training on accelerate.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # --version on one line
     parser.add_argument("--version", action="version", version=_version())
@@ -81,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--recipe", default=None, help="the student's recipe: data set, network, optimiser, attack "
                        "budgets (default: recipes/digits_attack.yaml)")
     audit.add_argument("--attacks", nargs="+", default=["all"], metavar="ATTACK",
-                       help="kd topk skeptical dafl deepinversion (default: all)")
+                       help=f"{' '.join(objectives.attack_names())} (default: all)")
     audit.add_argument("--kd-tau", type=float, nargs="+", default=[4.0, 20.0], metavar="TAU", help="KD's τ_s grid")
     audit.add_argument("--kd-alpha", type=float, nargs="+", default=[0.5, 0.9], metavar="ALPHA", help="KD's α grid")
     audit.add_argument("--top-k", type=int, default=2, help="k of top-k KD and of the Stingy defence")
@@ -112,7 +114,8 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, text in (("train", "train what a recipe describes, in this process"),
                        ("check", "validate a recipe and print it resolved (trains nothing)")):
-        cmd = sub.add_parser(name, help=text)
+        cmd = sub.add_parser(name, help=text, description=text, epilog=objectives.describe(),
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
         cmd.add_argument("recipe")
         cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
 
@@ -122,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ui = sub.add_parser("ui", help="MLflow UI over the embedded SQLite store")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; "
-                    "an SSH tunnel to 127.0.0.1 is safer, see the README)")
+                    "an SSH tunnel to 127.0.0.1 is safer, see docs/tracking.md)")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--db", default="mlflow.db", help="SQLite file written by runs in this folder")
     ui.add_argument("--jobs", action="store_true", help="also start MLflow's job runner (GenAI jobs; "
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                                data_root=args.data_root, seed=args.seed)
             print(path)
         elif args.command == "train":
-            from nt_dist.train import main as train_main
+            from nt_dist.entry import main as train_main
 
             return train_main([args.recipe, *sum((["--set", o] for o in args.overrides), [])])
         elif args.command == "check":

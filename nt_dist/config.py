@@ -13,24 +13,36 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import pydantic
 import yaml
 from pydantic import ConfigDict, Field, field_validator
 from pydantic.dataclasses import dataclass
 
+from nt_dist.data.specs import DATASETS, LOADERS, AugmentMode, LoaderName, loaders_with, unknown_dataset
 from nt_dist.errors import UserError
 
 # allow_inf_nan=False: .inf/.nan are valid YAML floats and pass every gt/ge bound
 _STRICT = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 SEED_MAX = 2**32 - 1  # numpy's seed range (accelerate.set_seed seeds numpy too)
 
-Role = Literal["teacher", "nasty", "student", "baseline"]
-# a student's attack (distill.method); the data-free ones never read the training split
-Method = Literal["kd", "topk", "skeptical", "dafl", "deepinversion"]
-METHODS: tuple[str, ...] = get_args(Method)
-DATA_FREE_METHODS = ("dafl", "deepinversion")
+
+def registered_values() -> dict[str, tuple[str, ...]]:
+    """Keys whose values name something registered rather than a fixed list: ``run.role`` and
+    ``distill.method`` (:mod:`nt_dist.objectives`; imported when asked, because its objectives
+    read these dataclasses) and ``data.name`` (:data:`nt_dist.data.specs.DATASETS`)."""
+    from nt_dist import objectives
+
+    return {"run.role": objectives.role_names(), "distill.method": objectives.attack_names(),
+            "data.name": tuple(DATASETS)}
+
+
+def _registered(key: str, value: Any) -> Any:
+    names = registered_values()[key]
+    if value not in names:
+        raise ValueError(f"got {value!r}; expected one of: {', '.join(names)}")
+    return value
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -43,7 +55,7 @@ class RunConfig:
     """
 
     name: str = "run"
-    role: Role = "teacher"
+    role: str = "teacher"  # a role registered in nt_dist.objectives (allowed values in the reference)
     output_dir: str = "runs/run"
     epochs: int = Field(default=1, ge=1, le=100_000)
     seed: int = Field(default=0, ge=0, le=SEED_MAX)
@@ -62,12 +74,18 @@ class RunConfig:
     def _yaml_no(cls, value: Any) -> Any:
         return "no" if value is False else value  # YAML reads an unquoted `no` as false
 
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, value: str) -> str:
+        return _registered("run.role", value)
+
 
 @dataclass(frozen=True, config=_STRICT)
 class DataConfig:
-    """Which data set, in its original layout, and how it is fed."""
+    """Which data set, in its original layout, and how it is fed. The data sets and loaders are
+    those of :data:`nt_dist.data.specs.DATASETS` and :data:`~nt_dist.data.specs.LOADERS`."""
 
-    name: str = "digits"  # digits | cifar10 | cifar100 | tinyimagenet | imagefolder
+    name: str = "digits"  # digits | cifar10 | cifar100 | tinyimagenet | imagefolder (checked in _check)
     root: str = ""  # folder holding the data set as distributed (unused for digits)
     image_size: int = Field(default=16, ge=4, le=4096)
     batch_size: int = Field(default=64, ge=1, le=65536)  # per process
@@ -76,12 +94,12 @@ class DataConfig:
     # auto: device where the decoded splits fit in half the free memory, else torch | device:
     # decoded once into a uint8 cache, held on the training device, augmented there batch-wise |
     # torch: torchvision + DataLoader workers | ffcv: .beton files (nt-dist data write-ffcv)
-    loader: Literal["auto", "device", "torch", "ffcv"] = "auto"
+    loader: LoaderName = "auto"
     cache_dir: str = ""  # device loader's decoded splits; "": $NT_DIST_CACHE or ~/.cache/nt_dist
     ffcv_dir: str = ""  # folder with train.beton / val.beton (ffcv loader)
     # none | shift (±2 px translate) | pad_crop_flip (CIFAR) | rotate_flip (the authors'
     # Tiny-ImageNet pipeline: ±20° rotation + flip) | rrc_flip (ImageNet-style)
-    augment: Literal["none", "shift", "pad_crop_flip", "rotate_flip", "rrc_flip"] = "shift"
+    augment: AugmentMode = "shift"
     train_subset: int = Field(default=0, ge=0)  # 0: all; >0: first N training samples
     # 0: a fresh augmentation of every sample every epoch; K: sample i at epoch e is its view
     # e mod K (K fixed views per sample), so a frozen network's logits can be cached
@@ -123,7 +141,7 @@ class NastyConfig:
     adversary_checkpoint: str = ""  # model.safetensors of f_A, or the run folder holding it
     tau: float = Field(default=4.0, gt=0, le=1000)
     omega: float = Field(default=0.04, ge=0, le=100)
-    cache_logits: bool = False  # serve f_A's logits of repeated views from memory (see nt_dist/frozen.py)
+    cache_logits: bool = False  # serve f_A's logits of repeated views from memory (see nt_dist/frozen_network.py)
     # f_A's forward: run (as run.precision) | fp32 | bf16 (autocast for f_A alone: ~1.9x cheaper
     # forward where bf16 is native; the KL stays fp32; see benchmarks/RESULTS.md)
     adversary_precision: Literal["run", "fp32", "bf16"] = "run"
@@ -139,14 +157,19 @@ class DistillConfig:
     alpha: float = Field(default=0.9, ge=0, le=1)
     cache_logits: bool = False  # serve f_T's logits of repeated views from memory
     teacher_precision: Literal["run", "fp32", "bf16"] = "run"  # f_T's forward, as nasty.adversary_precision
-    # how the student steals (nt_dist/attacks): kd (Hinton) | topk (KD on the teacher's k most
+    # how the student steals (an attack registered in nt_dist/objectives): kd (Hinton) | topk (KD on the teacher's k most
     # probable classes, renormalised) | skeptical (Kundu et al. 2021: KD into an auxiliary head on a
     # shallow part of the student, the main head self-distils) | dafl (Chen et al. 2019) and
     # deepinversion (Yin et al. 2020): data-free, the student never sees a training image
-    method: Method = "kd"
+    method: str = "kd"
     top_k: int = Field(default=1, ge=1, le=1_000_000)  # topk: classes kept of the teacher's softened output
     aux_layer: str = ""  # skeptical: the student's module feeding the auxiliary head; "": the middle top-level one
     self_weight: float = Field(default=1.0, ge=0, le=1000)  # skeptical: β of the main head's self-distillation
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        return _registered("distill.method", value)
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -166,7 +189,7 @@ class DefenceConfig:
 class DataFreeConfig:
     """Data-free attacks (``distill.method: dafl | deepinversion``): the student learns from
     synthetic images only; the data set's training split is not read, its test split scores.
-    Defaults: DAFL's CIFAR command and DeepInversion's CIFAR-10 script (see nt_dist/attacks)."""
+    Defaults: DAFL's CIFAR command and DeepInversion's CIFAR-10 script (see nt_dist/objectives)."""
 
     batch_size: int = Field(default=256, ge=1, le=65536)  # synthetic images per step (per process)
     steps_per_epoch: int = Field(default=120, ge=1, le=1_000_000)  # DAFL: generator+student steps per epoch
@@ -352,6 +375,8 @@ def _describe(err: dict[str, Any], key: str) -> str:
     kind = err["type"]
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         return "unknown key" + _known_keys(err["loc"])
+    if kind == "value_error":  # a validator's own message (e.g. an unregistered objective)
+        return str(err["msg"]).removeprefix("Value error, ")
     if kind == "literal_error":
         return f"got {err['input']!r}; {err['msg'][0].lower()}{err['msg'][1:]}"
     if kind in ("dataclass_type", "dataclass_args_type"):
@@ -372,11 +397,9 @@ def _known_keys(loc: tuple[Any, ...]) -> str:
 
 def _check(recipe: Recipe, source: str) -> None:
     """Rules that span sections."""
-    role = recipe.run.role
-    if role == "nasty" and not recipe.nasty.adversary_checkpoint:
-        raise UserError(f"{source}: nasty.adversary_checkpoint: required when run.role is nasty")
-    if role == "student" and not recipe.distill.teacher_checkpoint:
-        raise UserError(f"{source}: distill.teacher_checkpoint: required when run.role is student")
+    from nt_dist.objectives import objective_for
+
+    objective_for(recipe).check(recipe, source)  # the role's or the attack's own rules
     if recipe.optim.schedule == "multistep" and not recipe.optim.milestones:
         raise UserError(f"{source}: optim.milestones: required when optim.schedule is multistep")
     if any(m <= 0 or m > recipe.run.epochs for m in recipe.optim.milestones):
@@ -384,22 +407,19 @@ def _check(recipe: Recipe, source: str) -> None:
     if recipe.optim.warmup_epochs > recipe.run.epochs:
         raise UserError(f"{source}: optim.warmup_epochs: {recipe.optim.warmup_epochs} exceeds run.epochs "
                         f"({recipe.run.epochs})")
-    if recipe.data.augment_views and recipe.data.loader == "ffcv":
-        raise UserError(f"{source}: data.augment_views: needs data.loader: auto, device or torch (ffcv draws "
-                        "augmentations from a global RNG)")
+    # the data rules: what each data set and loader declares in nt_dist.data.specs
+    if recipe.data.name not in DATASETS:
+        raise UserError(f"{source}: {unknown_dataset(recipe.data.name)}")
+    dataset, loader = DATASETS[recipe.data.name], LOADERS[recipe.data.loader]
+    if recipe.data.augment_views and not loader.augment_views:
+        raise UserError(f"{source}: data.augment_views: needs data.loader: {loaders_with('augment_views')} "
+                        f"({loader.name} draws augmentations from {loader.rng})")
     for section in ("nasty", "distill"):
         if getattr(recipe, section).cache_logits:
-            if recipe.data.loader == "ffcv":
-                raise UserError(f"{source}: {section}.cache_logits: needs data.loader: auto, device or torch")
+            if not loader.logit_cache:
+                raise UserError(f"{source}: {section}.cache_logits: needs data.loader: {loaders_with('logit_cache')}")
             if not recipe.data.augment_views and recipe.data.augment != "none":
                 raise UserError(f"{source}: {section}.cache_logits: needs data.augment_views > 0 (or "
                                 "data.augment: none); with a fresh augmentation every epoch no image repeats")
-    method = recipe.distill.method
-    if role == "student" and method in DATA_FREE_METHODS:
-        if recipe.distill.cache_logits:
-            raise UserError(f"{source}: distill.cache_logits: a data-free student ({method}) never sees an image twice")
-        if recipe.defence.name == "round":
-            raise UserError(f"{source}: defence.name: round has no gradient, and {method} backpropagates through "
-                            "the teacher; use stingy or noise")
-    if recipe.data.name != "digits" and recipe.data.loader != "ffcv" and not recipe.data.root:
+    if dataset.needs_root and loader.reads_root and not recipe.data.root:
         raise UserError(f"{source}: data.root: required for data set {recipe.data.name!r}")

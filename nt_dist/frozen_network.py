@@ -1,4 +1,8 @@
-"""The frozen network's logits (adversary of a nasty teacher, teacher of a student).
+"""The frozen network: the adversary of a nasty teacher, the teacher of a student.
+
+Built from its checkpoint by :func:`load_frozen_network` (the recipe section that names it is
+the objective's :class:`~nt_dist.objectives.registry.FrozenRole`), and called through
+:class:`FrozenNetwork`, which serves its logits, from :class:`LogitCache` where it can.
 
 A naive nasty-teacher step runs a full forward of the frozen network on every batch: about
 +28 % over a normal step for a ResNet-18 on CPU. The network never changes, so its logits are a
@@ -20,13 +24,24 @@ fp32 from the upcast logits; what the rounding costs is measured in ``benchmarks
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from nt_dist.checkpoint import atomic_save_tensors
+from nt_dist import checkpoint
+from nt_dist.defences import release
+from nt_dist.errors import warn
+from nt_dist.fileio import atomic_save_tensors
+from nt_dist.models import build_model
+
+if TYPE_CHECKING:
+    from nt_dist.config import Recipe
+    from nt_dist.objectives.registry import FrozenRole
 
 # run: whatever the training step uses (run.precision's autocast); fp32: always full
 # precision; bf16: bf16 autocast for the frozen forward only
@@ -77,6 +92,16 @@ class LogitCache:
 
     def save(self, path: Path) -> None:
         atomic_save_tensors({"logits": self.logits.cpu(), "filled": self.filled.cpu()}, path, {"key": self.key})
+
+    def save_if_grown(self, path: Path, accelerator: Any) -> None:
+        """Save when it has grown since it was last saved; every rank holds the same,
+        all-gathered cache, so the main process writes it."""
+        if self.count <= self.saved:
+            return
+        if accelerator.is_main_process:
+            self.save(path)
+        self.saved = self.count
+        accelerator.wait_for_everyone()
 
     def load(self, path: Path) -> str:
         """Fill from ``path``; returns "" on success, else why the file was not used."""
@@ -146,3 +171,77 @@ class FrozenNetwork:
         if acc is not None and acc.num_processes > 1:
             index, view, logits = acc.gather(index), acc.gather(view), acc.gather(logits)
         self.cache.store(index, view, logits)
+
+
+def as_frozen_network(network: Any) -> Any:
+    """A plain module as a :class:`FrozenNetwork` (callers that hand a step function a bare
+    network, e.g. benchmarks); anything else is returned as it is."""
+    return FrozenNetwork(network) if isinstance(network, nn.Module) else network
+
+
+def step_against(model: nn.Module, images: Tensor, labels: Tensor, index: Tensor | None, epoch: int, *,
+                 frozen: Any, loss: Any, **settings: Any) -> dict[str, Tensor]:
+    """A training step that learns against the frozen network: its logits of the batch, the
+    model's, and ``loss(logits, frozen_logits, labels, **settings, return_parts=True)``."""
+    target = as_frozen_network(frozen)(images, index, epoch)
+    logits = model(images)
+    value, parts = loss(logits, target, labels, **settings, return_parts=True)
+    return {"loss": value, "logits": logits, **parts}
+
+
+def load_frozen_network(recipe: Recipe, role: FrozenRole, num_classes: int, accelerator: Any, train_size: int,
+                        dtype: torch.dtype | None = None) -> tuple[FrozenNetwork, dict[str, str]]:
+    """The frozen network ``role`` names in ``recipe``, on the training device, as released
+    (through ``defence.*`` when ``role.released``), with its logit cache when the recipe asks
+    for one; and its lineage tags (``<kind>_checkpoint``, ``<kind>_run_name``, ...)."""
+    key, path = role.checkpoint_key, role.checkpoint(recipe)
+    network, meta = checkpoint.load_frozen_model(role.architecture(recipe), path, num_classes, key,
+                                                 lambda name, classes: build_model(name, classes, role.architecture_key))
+    precision = role.precision(recipe)
+    network = network.to(device=accelerator.device, dtype=None if precision == "fp32" else dtype)
+    if recipe.model.channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    if role.released:  # what the teacher releases: its logits, or a defence's rewrite of them
+        network = release(network, recipe.defence, recipe.run.seed)
+    if precision == "bf16" and not native_bf16(accelerator.device) and accelerator.is_main_process:
+        warn(f"{role.section}.{role.kind}_precision: bf16 has no hardware support on this "
+             f"{accelerator.device.type} and runs slower than fp32 here; use run or fp32")
+    cache = None
+    if role.cache_logits(recipe):
+        views = recipe.data.augment_views or 1  # augment: none -> one view
+        cache = LogitCache(train_size, views, num_classes, accelerator.device, cache_key(recipe, role, precision, dtype))
+    lineage = {f"{role.kind}_checkpoint": str(Path(path).resolve()),
+               f"{role.kind}_architecture": meta.get("architecture", role.architecture(recipe)),
+               **{f"{role.kind}_{field}": meta.get(f"mlflow_{field}", "")
+                  for field in ("run_id", "run_name", "experiment", "experiment_id")}}
+    return FrozenNetwork(network, cache, accelerator, precision), lineage
+
+
+def cache_key(recipe: Recipe, role: FrozenRole, precision: str, dtype: torch.dtype | None) -> str:
+    """Everything a frozen network's logits of (sample, view) depend on, as one JSON string."""
+    digest = hashlib.sha256()
+    with checkpoint.resolve_model_file(role.checkpoint(recipe), role.checkpoint_key).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    data = recipe.data
+    return json.dumps({"frozen_sha256": digest.hexdigest(), "precision": precision, "dtype": str(dtype),
+                       "run_precision": recipe.run.precision,
+                       "seed": recipe.run.seed, "data": data.name, "root": str(Path(data.root).resolve()) if data.root else "",
+                       "image_size": data.image_size, "augment": data.augment, "views": data.augment_views,
+                       "train_subset": data.train_subset,
+                       # a defence rewrites what is cached (keys of undefended runs stay as they were)
+                       **({"defence": dataclasses.asdict(recipe.defence)}
+                          if role.released and recipe.defence.name != "none" else {})},
+                      sort_keys=True)
+
+
+def restore_cache(cache: LogitCache, path: Path, main: bool) -> None:
+    """Fill ``cache`` from a resumed run's file, when it was made for the same key."""
+    if not path.is_file():
+        return
+    problem = cache.load(path)
+    if main:
+        if problem:
+            warn(f"{path}: not used, {problem}; the logits are computed again")
+        else:
+            print(f"loaded {cache.count} of {cache.capacity} cached frozen logits from {path}", flush=True)

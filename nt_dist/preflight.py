@@ -27,12 +27,12 @@ def validate(recipe: Recipe, source: str) -> None:
 
 def check_networks(recipe: Recipe, source: str) -> None:
     from nt_dist.models import UnknownModelError, create_model
+    from nt_dist.objectives import objective_for
 
     named = [("model.name", recipe.model.name)]
-    if recipe.run.role == "nasty" and recipe.nasty.adversary:
-        named.append(("nasty.adversary", recipe.nasty.adversary))
-    if recipe.run.role == "student" and recipe.distill.teacher:
-        named.append(("distill.teacher", recipe.distill.teacher))
+    frozen = objective_for(recipe).frozen
+    if frozen is not None and frozen.architecture(recipe):
+        named.append((frozen.architecture_key, frozen.architecture(recipe)))
     size = recipe.data.image_size
     for key, name in named:
         try:

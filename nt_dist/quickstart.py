@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nt_dist.checkpoint import atomic_write_text
 from nt_dist.errors import RunError
+from nt_dist.fileio import atomic_write_text
 
 NAMES = ("teacher_normal", "teacher_nasty", "student_baseline", "student_kd_normal", "student_kd_nasty")
 MAX_DROP = 2.0  # the nasty teacher keeps its accuracy within this many points (mean over seeds)

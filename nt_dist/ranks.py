@@ -1,5 +1,5 @@
 """What the ranks of one job agree on: the run folder's claim, an error met on any rank, a
-stop signal, and the one line that ends the job.
+non-finite loss on any rank, a stop signal, and the one line that ends the job.
 
 Every rank of an ``accelerate launch`` job meets the same recipe and the same files, but the
 launcher stops all ranks as soon as one exits, and a rank that fails alone would leave the
@@ -10,6 +10,7 @@ line is printed once, by rank 0.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -17,10 +18,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from nt_dist import rundir
 from nt_dist.config import Recipe
-from nt_dist.errors import UserError, say
+from nt_dist.errors import RunError, UserError, say
 
 
 def claim_folder(accelerator: Any, recipe: Recipe, source: str) -> rundir.RunLock | None:
@@ -108,7 +110,7 @@ def launched() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def report(line: str, code: int) -> int:
+def last_line(line: str, code: int) -> int:
     """Print the run's last line once for the whole job. Every rank meets the same error, but
     the launcher stops the other ranks as soon as one exits: a rank other than 0 leaves the
     report to rank 0 and waits to be stopped, and reports itself only if that does not happen
@@ -120,3 +122,23 @@ def report(line: str, code: int) -> int:
             return code
     say(line)
     return code
+
+
+class NonFiniteLoss(RunError):
+    pass
+
+
+def check_finite(acc: Any, window: list[tuple[int, dict[str, Tensor]]], epoch: int) -> None:
+    """One host sync per window: find the first step whose loss is NaN/Inf and name it with
+    its parts. Ranks agree (one all-reduce), so none is left waiting in a collective."""
+    losses = torch.stack([parts["loss"].float() for _, parts in window])
+    bad = (~torch.isfinite(losses)).any().float().reshape(1)
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad, reduction="sum")
+    if bad.item() == 0:
+        return
+    for (step, parts), loss in zip(window, losses.tolist(), strict=True):
+        if not math.isfinite(loss):
+            detail = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
+            raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {epoch + 1}): {detail}")
+    raise NonFiniteLoss(f"non-finite loss on another process by step {window[-1][0]} (epoch {epoch + 1})")

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from nt_dist.errors import UserError
+from nt_dist.formatting import mean_spread, signed
 from nt_dist.pipeline import BASELINE_ROW, KINDS, TEACHER_COLUMN, Pipeline, Stage
 from nt_dist.rundir import RESULTS_FILE
 
@@ -62,9 +63,8 @@ class Cell:
         return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
 
     def text(self) -> str:
-        spread = f" ± {self.std:.2f}" if len(self.values) > 1 else ""
-        delta = f" ({_signed(self.delta)})" if self.delta is not None else ""
-        return f"{self.mean:.2f}{spread}{delta}"
+        delta = f" ({signed(self.delta)})" if self.delta is not None else ""
+        return f"{mean_spread(list(self.values))}{delta}"
 
 
 @dataclass(frozen=True)
@@ -75,10 +75,6 @@ class Table:
     columns: list[str]  # "teacher", then the students
     cells: dict[tuple[str, str], Cell]
     seeds: int
-
-
-def _signed(value: float) -> str:
-    return f"{value:+.2f}".replace("-", "−")
 
 
 # ----------------------------------------------------------------------------- the paper
@@ -249,7 +245,7 @@ def markdown(table: Table, paper: str = "") -> str:
             text = cell.text() if cell else "–"
             figure = paper_cell(paper, row, column) if paper else None
             if figure is not None:
-                delta = f" ({_signed(figure[1])})" if figure[1] is not None else ""
+                delta = f" ({signed(figure[1])})" if figure[1] is not None else ""
                 text += f" · paper {figure[0]:.2f}{delta}"
             cells.append(text)
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
@@ -317,7 +313,7 @@ def write_plots(results: list[Result], folder: Path, name: str) -> list[Path]:
 
 def report(results: list[Result], name: str, paper: str, folder: Path) -> tuple[str, list[Path]]:
     """Write ``<folder>/report.md``, ``report.csv`` and the sweep PNGs; return the Markdown and the files."""
-    from nt_dist.checkpoint import atomic_write_text
+    from nt_dist.fileio import atomic_write_text
 
     if paper and paper not in paper_tables():
         raise UserError(f"paper: {paper!r} is not a table of nt_dist/paper_tables.yaml "

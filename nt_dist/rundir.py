@@ -34,13 +34,13 @@ import yaml
 from nt_dist.checkpoint import (
     MODEL_FILE,
     STATE_FILE,
-    atomic_write_text,
     checkpoint_dirs,
     parse_state,
     remove_stale_temporaries,
 )
 from nt_dist.config import Recipe, flatten, recipe_from_dict, recipe_to_dict
 from nt_dist.errors import UserError, warn
+from nt_dist.fileio import atomic_write_text
 from nt_dist.preflight import check_output_dir
 
 RECIPE_FILE = "resolved_recipe.yaml"
@@ -64,7 +64,7 @@ class FolderState:
     results: dict[str, Any] | None = None
 
 
-def inspect(recipe: Recipe, source: str) -> FolderState:
+def folder_state(recipe: Recipe, source: str) -> FolderState:
     """Read-only: what the folder holds, or a UserError when it belongs to another recipe."""
     folder = Path(recipe.run.output_dir)
     if not folder.is_dir():
@@ -215,7 +215,7 @@ def claim(recipe: Recipe, source: str) -> tuple[RunLock, FolderState]:
     lock = RunLock(folder)
     lock.acquire()
     try:
-        state = inspect(recipe, source)
+        state = folder_state(recipe, source)
         if state.kind == "finished":
             raise UserError(f"run.output_dir: {folder} was finished by another process meanwhile")
         if state.kind == "replace":

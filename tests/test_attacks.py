@@ -8,22 +8,22 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-import nt_dist.attacks.deepinversion as deepinversion
-from nt_dist.attacks import _eval_logits, skeptical_step, topk_step, with_source_parts
-from nt_dist.attacks.dafl import Generator, GeneratorSource, dafl_generator_loss
-from nt_dist.attacks.deepinversion import (
+import nt_dist.objectives.deepinversion as deepinversion
+from nt_dist.errors import UserError
+from nt_dist.losses import kd_loss
+from nt_dist.models import create_model
+from nt_dist.objectives.dafl import Generator, GeneratorSource, dafl_generator_loss, with_source_parts
+from nt_dist.objectives.deepinversion import (
     BatchNormProbe,
     InversionSource,
     bn_statistics_loss,
+    eval_logits,
     invert_batch,
     js_divergence,
     total_variation,
 )
-from nt_dist.attacks.skeptical import SkepticalStudent, plain_state, skeptical_loss
-from nt_dist.attacks.sparse_kd import topk_kd_loss, topk_soft_targets
-from nt_dist.errors import UserError
-from nt_dist.losses import kd_loss
-from nt_dist.models import create_model
+from nt_dist.objectives.skeptical import SkepticalStudent, plain_state, skeptical_loss, skeptical_step
+from nt_dist.objectives.topk import topk_kd_loss, topk_soft_targets, topk_step
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 E = math.e
@@ -205,7 +205,7 @@ def test_skeptical_student_survives_sync_batchnorm_conversion():
 
 
 # ------------------------------------------------------------------------------------------
-# the training-loop pieces of nt_dist.attacks
+# the training-loop pieces of nt_dist.objectives
 # ------------------------------------------------------------------------------------------
 class FakeTeacher:
     """The frozen teacher's call signature ``(images, index, epoch)``; logits fixed per call."""
@@ -254,7 +254,7 @@ def test_eval_logits_main_head_in_eval_mode_gradient_to_images_only():
     torch.manual_seed(0)
     student = SkepticalStudent(create_model("cifar_cnn", 10), 10, 16).train()
     images = torch.randn(3, 3, 16, 16, requires_grad=True)
-    logits = _eval_logits(student, images)
+    logits = eval_logits(student, images)
     assert isinstance(logits, torch.Tensor) and logits.shape == (3, 10)
     assert student.training and all(p.requires_grad for p in student.parameters())
     logits.sum().backward()
@@ -267,7 +267,7 @@ def test_eval_logits_main_head_in_eval_mode_gradient_to_images_only():
 def test_eval_logits_keeps_frozen_parameters_frozen():
     student = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.Linear(4, 3))
     student[1].requires_grad_(False)
-    _eval_logits(student, torch.randn(2, 3, 2, 2))
+    eval_logits(student, torch.randn(2, 3, 2, 2))
     assert [p.requires_grad for p in student.parameters()] == [False, False, True, True]
 
 

@@ -132,7 +132,7 @@ def test_margins_and_verdicts_from_hand_computed_results():
 def test_unknown_names_are_one_line():
     with pytest.raises(UserError, match=r"^--defences: unknown defence 'stingyy'; expected: stingy, noise"):
         audit.parse_defences(["stingyy"])
-    assert audit.parse_attacks(["all"]) == audit.ATTACKS and audit.parse_defences(["none"]) == ()
+    assert audit.parse_attacks(["all"]) == ("kd", "topk", "skeptical", "dafl", "deepinversion") and audit.parse_defences(["none"]) == ()
 
 
 # ----------------------------------------------------------------------------- the README's audit, end to end

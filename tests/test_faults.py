@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, tiny_overrides
-from conftest_data import write_tinyimagenet
 
-from nt_dist import checkpoint
-from nt_dist import train as train_module
+from nt_dist import checkpoint, entry
 from nt_dist.config import load_recipe
+from nt_dist.data.synthetic import write_tinyimagenet
 from nt_dist.errors import MAX_LINE, UserError
 
 NT_DIST = str(Path(sys.executable).with_name("nt-dist"))
@@ -213,7 +212,7 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_newest_complete_checkpoint(t
     out = tmp_path / "run"
     recipe_args = [str(TEACHER), *sets(*tiny_overrides(out, "teacher", **{"tracking.enabled": "false",
                                                                            "run.checkpoint_every_steps": "3"}))]
-    assert train_module.main(recipe_args) == 1
+    assert entry.main(recipe_args) == 1
     err = capfd.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("nt-dist: error:")]
     assert lines == [f"nt-dist: error: {TEACHER}: run.output_dir: No space left on device while writing the "
@@ -224,7 +223,7 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_newest_complete_checkpoint(t
     assert not (out / "metrics.json").exists()
     # space freed: the same command resumes from the surviving checkpoint and finishes
     monkeypatch.setattr(Accelerator, "save_state", real_save)
-    assert train_module.main(recipe_args) == 0
+    assert entry.main(recipe_args) == 0
     assert f"resumed from {out / 'checkpoints' / 'step_000000003'}" in capfd.readouterr().out
 
 

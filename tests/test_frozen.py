@@ -12,9 +12,11 @@ from safetensors.torch import load_file, save_file
 
 from nt_dist.config import load_recipe, replace
 from nt_dist.errors import UserError
-from nt_dist.frozen import FrozenNetwork, LogitCache, frozen_logits, native_bf16
+from nt_dist.frozen_network import FrozenNetwork, LogitCache, cache_key, frozen_logits, native_bf16
 from nt_dist.models import create_model
-from nt_dist.train import cache_key, nasty_step, train
+from nt_dist.objectives import ADVERSARY
+from nt_dist.objectives.nasty import nasty_step
+from nt_dist.train import train
 
 
 class Counting(torch.nn.Module):
@@ -231,16 +233,16 @@ def test_a_stale_or_missing_cache_file_is_recomputed(tmp_path: Path, cached_runs
 def test_the_cache_key_follows_what_the_logits_depend_on(tmp_path: Path, cached_runs: dict[str, Path]):
     model_file = cached_runs["teacher"] / "model.safetensors"
     recipe = load_recipe(REPO / "recipes" / "digits_nasty.yaml", nasty_cached(tmp_path, cached_runs["teacher"]))
-    base = cache_key(recipe, model_file, "run", None)
-    assert cache_key(recipe, model_file, "run", None) == base
-    changed = [cache_key(replace(recipe, run={"seed": 1}), model_file, "run", None),
-               cache_key(replace(recipe, data={"augment": "none"}), model_file, "run", None),
-               cache_key(replace(recipe, data={"augment_views": 3}), model_file, "run", None),
-               cache_key(recipe, model_file, "bf16", None),
-               cache_key(recipe, model_file, "run", torch.bfloat16)]
+    base = cache_key(recipe, ADVERSARY, "run", None)
+    assert cache_key(recipe, ADVERSARY, "run", None) == base
+    changed = [cache_key(replace(recipe, run={"seed": 1}), ADVERSARY, "run", None),
+               cache_key(replace(recipe, data={"augment": "none"}), ADVERSARY, "run", None),
+               cache_key(replace(recipe, data={"augment_views": 3}), ADVERSARY, "run", None),
+               cache_key(recipe, ADVERSARY, "bf16", None),
+               cache_key(recipe, ADVERSARY, "run", torch.bfloat16)]
     other = tmp_path / "other.safetensors"
     tensors = load_file(str(model_file))
     tensors["fc2.bias"] = tensors["fc2.bias"] + 1
     save_file(tensors, str(other))
-    changed.append(cache_key(recipe, other, "run", None))
+    changed.append(cache_key(replace(recipe, nasty={"adversary_checkpoint": str(other)}), ADVERSARY, "run", None))
     assert base not in changed and len(set(changed)) == len(changed)

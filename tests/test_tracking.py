@@ -49,7 +49,7 @@ def test_failed_run_ends_failed_not_running(tmp_path: Path, monkeypatch: pytest.
     def broken_evaluate(run):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(train_module, "evaluate", broken_evaluate)
+    monkeypatch.setattr(train_module, "evaluate_run", broken_evaluate)
     out = tmp_path / "failing"
     with pytest.raises(RuntimeError, match="disk on fire"):
         train(recipe("digits_teacher.yaml", out, "teacher", **{"run.name": "failing_run"}))

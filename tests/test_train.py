@@ -14,7 +14,9 @@ from nt_dist.checkpoint import export_model, load_frozen_model
 from nt_dist.config import load_recipe
 from nt_dist.errors import UserError
 from nt_dist.models import create_model
-from nt_dist.train import nasty_step, student_step, train
+from nt_dist.objectives.kd import student_step
+from nt_dist.objectives.nasty import nasty_step
+from nt_dist.train import train
 
 RECIPES = REPO / "recipes"
 

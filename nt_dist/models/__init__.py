@@ -20,7 +20,7 @@ from torch import nn
 from nt_dist.errors import UserError
 from nt_dist.models.cifar import ENTRYPOINTS
 
-__all__ = ["UnknownModelError", "create_model", "list_models"]
+__all__ = ["UnknownModelError", "build_model", "create_model", "list_models"]
 
 
 class UnknownModelError(UserError, ValueError):
@@ -54,3 +54,11 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
             f"pretrained weights cannot be downloaded here; build {name!r} with pretrained=False"
         )
     return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+def build_model(name: str, num_classes: int, key: str = "model.name") -> nn.Module:
+    """:func:`create_model`, its unknown-name error prefixed with the recipe ``key`` that named it."""
+    try:
+        return create_model(name, num_classes=num_classes)
+    except UnknownModelError as exc:
+        raise UserError(f"{key}: {exc}") from None

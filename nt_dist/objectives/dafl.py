@@ -1,4 +1,4 @@
-"""DAFL: data-free learning of student networks (Chen et al., ICCV 2019).
+"""DAFL (``distill.method: dafl``): data-free learning of student networks (Chen et al., ICCV 2019).
 
 The frozen teacher acts as a fixed discriminator. A generator G(z) learns to produce images the
 teacher answers as it answers real ones; the student learns by KD on G's images, alternately,
@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nt_dist.errors import UserError
+from nt_dist.objectives.kd import DataFreeAttack
+from nt_dist.objectives.registry import StepFn, register
 
 
 class Generator(nn.Module):
@@ -126,3 +129,35 @@ class GeneratorSource:
         self.generator.load_state_dict(state["generator"])  # type: ignore[arg-type]
         self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
         self.noise.set_state(state["noise"])  # type: ignore[arg-type]
+
+
+def with_source_parts(step: Any, source: Any) -> Any:
+    """``step`` whose outputs also carry the generator's last losses (``generator_oh``,
+    ``generator_act``, ``generator_ie``), so they are logged per epoch."""
+    def step_with_parts(*args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        out = step(*args, **kwargs)
+        return {**out, **{f"generator_{k}": v for k, v in getattr(source, "last", {}).items()}}
+
+    return step_with_parts
+
+
+@register
+class DAFL(DataFreeAttack):
+    name = "dafl"
+    summary = "data-free: a generator trained against the teacher (Chen et al., ICCV 2019), KD on its images"
+    audit_label = "DAFL"
+
+    def step(self, recipe: Any, frozen: Any, source: Any = None) -> StepFn:
+        return with_source_parts(super().step(recipe, frozen), source)
+
+    def train_source(self, recipe: Any, teacher: nn.Module, *, num_classes: int, device: torch.device, rank: int,
+                     identity: str, student: nn.Module, main: bool) -> GeneratorSource:
+        cfg = recipe.datafree
+        return GeneratorSource(teacher, latent_dim=cfg.latent_dim, image_size=recipe.data.image_size,
+                               batch_size=cfg.batch_size, steps_per_epoch=cfg.steps_per_epoch, lr=cfg.generator_lr,
+                               weights=(cfg.onehot_weight, cfg.activation_weight, cfg.entropy_weight),
+                               seed=recipe.run.seed * 1009 + rank, device=device)
+
+    def audit_columns(self, plan: Any) -> dict[str, dict[str, Any]]:
+        """DAFL's own student loss: KL at τ = 1, no labels."""
+        return {"DAFL": {"distill.method": "dafl", "distill.tau": 1.0, "distill.alpha": 1.0}}

@@ -1,4 +1,4 @@
-"""DeepInversion (Yin et al., "Dreaming to Distill: Data-free Knowledge Transfer via
+"""DeepInversion (``distill.method: deepinversion``; Yin et al., "Dreaming to Distill: Data-free Knowledge Transfer via
 DeepInversion", CVPR 2020).
 
 Images are synthesised from the frozen teacher alone: starting from noise, a batch x with
@@ -25,13 +25,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nt_dist.errors import UserError
+from nt_dist.fileio import atomic_save_tensors
+from nt_dist.objectives.kd import DataFreeAttack
+from nt_dist.objectives.registry import register
 
 
 def bn_statistics_loss(features: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
@@ -157,8 +162,6 @@ class InversionSource:
             probe.remove()
         self.images, self.labels, self.made_for = torch.stack(images), torch.stack(labels), epoch if adaptive else -1
         if not adaptive:
-            from nt_dist.checkpoint import atomic_save_tensors
-
             atomic_save_tensors({"images": self.images.cpu(), "labels": self.labels.cpu()}, self.path,
                                 {"key": self.identity})
 
@@ -188,3 +191,42 @@ class InversionSource:
             images = self.images[batch]
             flip = flips[step].to(self.device)[:, None, None, None]
             yield torch.where(flip, images.flip(3), images), self.labels[batch]
+
+
+def eval_logits(student: nn.Module, images: Tensor) -> Tensor:
+    """The student's logits in eval mode (ADI's competition term), its parameters untouched."""
+    was_training = student.training
+    flags = [p.requires_grad for p in student.parameters()]
+    student.eval()
+    try:
+        for p in student.parameters():
+            p.requires_grad_(False)
+        out = student(images)
+    finally:
+        for p, flag in zip(student.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+        student.train(was_training)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@register
+class DeepInversion(DataFreeAttack):
+    name = "deepinversion"
+    summary = "data-free: images synthesised from the teacher's BatchNorm statistics (Yin et al., CVPR 2020)"
+
+    def train_source(self, recipe: Any, teacher: nn.Module, *, num_classes: int, device: torch.device, rank: int,
+                     identity: str, student: nn.Module, main: bool) -> InversionSource:
+        cfg = recipe.datafree
+        settings = {"steps": cfg.inversion_steps, "lr": cfg.inversion_lr, "bn_weight": cfg.bn_weight,
+                    "tv_weight": cfg.tv_weight, "l2_weight": cfg.l2_weight,
+                    "competition_weight": cfg.competition_weight}
+        name = recipe.run.name
+        return InversionSource(teacher, num_classes=num_classes, image_size=recipe.data.image_size,
+                               batch_size=cfg.batch_size, batches=cfg.batches, settings=settings,
+                               seed=recipe.run.seed, rank=rank, device=device, folder=Path(recipe.run.output_dir),
+                               identity=identity, student=partial(eval_logits, student),
+                               announce=(lambda text: print(f"[{name}] {text}", flush=True)) if main
+                               else (lambda text: None))
+
+    def audit_columns(self, plan: Any) -> dict[str, dict[str, Any]]:
+        return {"DeepInversion": {"distill.method": "deepinversion", "distill.alpha": 1.0}}

@@ -1,4 +1,4 @@
-"""The Skeptical Student (Kundu et al., "Analyzing the Confidentiality of Undistillable Teachers
+"""The Skeptical Student (``distill.method: skeptical``; Kundu et al., "Analyzing the Confidentiality of Undistillable Teachers
 in Knowledge Distillation", NeurIPS 2021).
 
 A nasty teacher's misleading dark knowledge does most harm where it shapes the student's final
@@ -20,6 +20,7 @@ The auxiliary head exists only while training: the exported model is the plain s
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -27,7 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nt_dist.errors import UserError
+from nt_dist.frozen_network import as_frozen_network
 from nt_dist.losses import soft_kl
+from nt_dist.objectives.kd import Attack
+from nt_dist.objectives.registry import StepFn, register
 
 AUX_PREFIX = "aux_head."
 BACKBONE_PREFIX = "backbone."
@@ -103,3 +107,29 @@ class SkepticalStudent(nn.Module):
 def plain_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """A skeptical student's state dict as the plain student's: the auxiliary head dropped."""
     return {k.removeprefix(BACKBONE_PREFIX): v for k, v in state.items() if not k.startswith(AUX_PREFIX)}
+
+
+def skeptical_step(model: nn.Module, images: Tensor, labels: Tensor, index: Tensor | None = None, epoch: int = 0,
+                   *, teacher: Any, tau: float, alpha: float, beta: float) -> dict[str, Tensor]:
+    """The skeptical student's step: the model returns (main, auxiliary) logits."""
+    teacher_logits = as_frozen_network(teacher)(images, index, epoch)
+    logits, aux = model(images)
+    loss, parts = skeptical_loss(logits, aux, teacher_logits, labels, alpha, tau, beta, return_parts=True)
+    return {"loss": loss, "logits": logits, **parts}
+
+
+@register
+class Skeptical(Attack):
+    name = "skeptical"
+    summary = "KD into an auxiliary head on a shallow layer; the main head self-distils (Kundu et al. 2021)"
+
+    def step(self, recipe: Any, frozen: Any, source: Any = None) -> StepFn:
+        d = recipe.distill
+        return partial(skeptical_step, teacher=frozen, tau=d.tau, alpha=d.alpha, beta=d.self_weight)
+
+    def wrap_model(self, model: nn.Module, recipe: Any, num_classes: int, source: str) -> nn.Module:
+        return SkepticalStudent(model, num_classes, recipe.data.image_size, recipe.distill.aux_layer,
+                                key=f"{source}: distill.aux_layer")
+
+    def export_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        return plain_state(state)

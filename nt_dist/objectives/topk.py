@@ -1,4 +1,4 @@
-"""Top-k (sparse-logit) KD: the student distils only the teacher's k most probable classes.
+"""Top-k (sparse-logit) KD (``distill.method: topk``): the student distils only the teacher's k most probable classes.
 
 A stealer that distrusts the long tail of a nasty teacher's output (where the self-undermining
 term hides its misleading mass) keeps only the k largest softened probabilities, renormalised
@@ -14,9 +14,16 @@ Hinton KD exactly; k = 1 is CE against the teacher's argmax (scaled by α·τ²)
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from nt_dist.frozen_network import step_against
+from nt_dist.objectives.kd import Attack
+from nt_dist.objectives.registry import StepFn, register
 
 
 def topk_soft_targets(teacher_logits: Tensor, k: int, tau: float) -> Tensor:
@@ -36,3 +43,23 @@ def topk_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
     ce = F.cross_entropy(student_logits.float(), labels)
     loss = alpha * tau * tau * kl + (1.0 - alpha) * ce
     return (loss, {"ce": ce.detach(), "kl": kl.detach()}) if return_parts else loss
+
+
+def topk_step(model: nn.Module, images: Tensor, labels: Tensor, index: Tensor | None = None, epoch: int = 0, *,
+              teacher: Any, tau: float, alpha: float, k: int) -> dict[str, Tensor]:
+    """KD on the teacher's top-k softened classes."""
+    return step_against(model, images, labels, index, epoch, frozen=teacher, loss=topk_kd_loss, alpha=alpha,
+                        tau=tau, k=k)
+
+
+@register
+class TopK(Attack):
+    name = "topk"
+    summary = "KD on the teacher's top-k softened classes, renormalised (distill.top_k)"
+
+    def step(self, recipe: Any, frozen: Any, source: Any = None) -> StepFn:
+        d = recipe.distill
+        return partial(topk_step, teacher=frozen, tau=d.tau, alpha=d.alpha, k=d.top_k)
+
+    def audit_columns(self, plan: Any) -> dict[str, dict[str, Any]]:
+        return {f"top-{plan.top_k} KD": {"distill.method": "topk", "distill.top_k": plan.top_k}}

@@ -1,0 +1,68 @@
+"""What a run prints: its progress bar, one line per epoch, and its closing line (the score,
+where the model went, which MLflow run holds it). Rank 0 only; callers check."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from nt_dist import checkpoint, rundir
+from nt_dist.config import Recipe
+from nt_dist.tracking import experiment_of, tracking_uri
+
+
+def progress_bar(recipe: Recipe, steps: int, start: int, epoch: int) -> Any:
+    """tqdm over the epoch's steps, or None (``run.progress: false``)."""
+    if not recipe.run.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    # disable=None: tqdm draws only on an interactive terminal; piped (a file, SLURM's log) the
+    # per-epoch line of print_epoch is all there is
+    return tqdm(total=steps, initial=start, desc=f"{recipe.run.name} epoch {epoch + 1}/{recipe.run.epochs}",
+                dynamic_ncols=True, leave=False, file=sys.stderr, disable=None)
+
+
+def print_epoch(recipe: Recipe, epoch: int, m: dict[str, float]) -> None:
+    parts = " ".join(f"{k.removeprefix('train_')}={m[k]:.4f}" for k in m if k.startswith("train_"))
+    print(f"[{recipe.run.name}] epoch {epoch + 1}/{recipe.run.epochs} {parts} "
+          f"top1={m['test_top1']:.2f} top5={m['test_top5']:.2f} lr={m['lr']:.4g} "
+          f"{m['images_per_s']:.0f} img/s", flush=True)
+
+
+def print_resumed(recipe: Recipe, folder: Path, state: Any) -> None:
+    print(f"[{recipe.run.name}] resumed from {folder} (epoch {state.epoch + 1}, "
+          f"step {state.step_in_epoch} of the epoch, global step {state.global_step})", flush=True)
+
+
+def print_done(recipe: Recipe, final: dict[str, float], run_id: str, experiment_id: str) -> None:
+    """The closing line: the score, where the model went, which MLflow run holds it."""
+    model = Path(recipe.run.output_dir) / checkpoint.MODEL_FILE
+    print(f"[{recipe.run.name}] done: test_top1={final.get('test_top1', float('nan')):.2f}, model {model}; "
+          f"{mlflow_where(recipe, run_id, experiment_id)}", flush=True)
+
+
+def print_finished(recipe: Recipe, results: dict[str, Any]) -> None:
+    """The line of a run asked for again after it finished."""
+    folder = Path(recipe.run.output_dir)
+    top1 = results["final"].get("test_top1")
+    score = f"test_top1={top1:.2f}, " if isinstance(top1, (int, float)) else ""
+    extend = "; a larger run.epochs extends it" if recipe.optim.schedule in rundir.EXTENSIBLE_SCHEDULES else ""
+    print(f"[{recipe.run.name}] already finished: {score}results in {folder / rundir.RESULTS_FILE}, model in "
+          f"{folder / checkpoint.MODEL_FILE} (run.resume=never starts over{extend})", flush=True)
+
+
+def mlflow_where(recipe: Recipe, run_id: str, experiment_id: str) -> str:
+    """Where a run is in MLflow, as a user would open it."""
+    if not recipe.tracking.enabled:
+        return "MLflow off (tracking.enabled: false)"
+    if not run_id:
+        return f"MLflow did not answer (events kept in {Path(recipe.run.output_dir) / 'mlflow_undelivered.jsonl'})"
+    uri = tracking_uri(recipe.tracking)
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow run {run_id}: {uri.rstrip('/')}/{page}"
+    database = Path(uri.removeprefix("sqlite:///"))
+    command = "nt-dist ui" if database.resolve() == (Path.cwd() / "mlflow.db").resolve() else f"nt-dist ui --db {database}"
+    return f"MLflow run {run_id} in {experiment_of(recipe.tracking)} ({command}, then http://127.0.0.1:5000/{page})"
