@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.nt-dist-installed
 
-.PHONY: setup demo test test-fast ui bench lint clean
+.PHONY: setup demo test test-fast ui bench lint docs clean
 
 setup: $(STAMP)
 
@@ -28,7 +28,7 @@ $(STAMP): setup.cfg pyproject.toml
 	    echo "note: ffcv needs: sudo apt-get install pkg-config libopencv-dev libturbojpeg0-dev"; \
 	  fi; \
 	fi
-	DS_BUILD_OPS=0 $(BIN)/pip install -q -e '.[deepspeed,test]'
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e '.[deepspeed,test,docs]'
 	@if pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then \
 	  $(BIN)/pip install -q -e '.[ffcv]' || echo "warning: ffcv did not build; the torchvision loader will be used"; \
 	fi
@@ -52,6 +52,10 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check nt_dist tests benchmarks
+
+# the documentation site (mkdocs.yml, docs/) on http://127.0.0.1:8000, rebuilt on every edit
+docs: setup
+	$(BIN)/mkdocs serve
 
 clean:
 	rm -rf runs mlflow.db mlartifacts .pytest_cache

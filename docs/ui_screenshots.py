@@ -1,4 +1,4 @@
-"""Take the two MLflow UI screenshots used in the README (docs/mlflow_*.png).
+"""Take the two MLflow UI screenshots of the docs' Tracking page (docs/tracking.md: docs/mlflow_*.png).
 
 Needs a running UI with the quickstart experiment, e.g.::
 

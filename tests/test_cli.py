@@ -70,18 +70,18 @@ def test_fp16_on_cpu_is_refused(tmp_path: Path):
     assert_one_line_error(proc, "digits_teacher.yaml: run.precision: fp16 needs a GPU")
 
 
-def readme_errors() -> dict[str, str]:
-    """The README's table of bad inputs: label -> the error line it promises."""
+def documented_errors() -> dict[str, str]:
+    """The table of bad inputs in docs/errors.md: label -> the error line it promises."""
     rows = {}
-    for line in (REPO / "README.md").read_text().splitlines():
+    for line in (REPO / "docs" / "errors.md").read_text().splitlines():
         if line.startswith("| ") and "`nt-dist: error: " in line:
             label, shown = line.strip("| ").split(" | ", 1)
             rows[label] = shown.strip(" |`")
     return rows
 
 
-# README row -> (file name, file text or None for "no such file", extra environment)
-README_CASES = {
+# docs/errors.md row -> (file name, file text or None for "no such file", extra environment)
+ERROR_CASES = {
     "unknown recipe key": ("bad.yaml", "nasty: {omgea: 0.1}\n", {}),
     "mistyped value": ("bad.yaml", "optim: {lr: fast}\n", {}),
     "unreadable YAML": ("bad.yaml", "optim:\n  milestones: [1, 2\n", {}),
@@ -99,9 +99,9 @@ README_CASES = {
 }
 
 
-@pytest.mark.parametrize("label", sorted(README_CASES))
-def test_the_readme_shows_the_real_error_line(tmp_path: Path, label: str):
-    """The README's error table is what a user sees (rows that need no trained model)."""
+@pytest.mark.parametrize("label", sorted(ERROR_CASES))
+def test_the_errors_page_shows_the_real_error_line(tmp_path: Path, label: str):
+    """The error table of docs/errors.md is what a user sees (rows that need no trained model)."""
     import os
 
     if label == "fp16 on a CPU":
@@ -109,7 +109,7 @@ def test_the_readme_shows_the_real_error_line(tmp_path: Path, label: str):
 
         if torch.cuda.is_available():
             pytest.skip("fp16 runs where there is a GPU")
-    name, text, env = README_CASES[label]
+    name, text, env = ERROR_CASES[label]
     if isinstance(text, bytes):
         (tmp_path / name).write_bytes(text)
     elif text is not None:
@@ -118,9 +118,9 @@ def test_the_readme_shows_the_real_error_line(tmp_path: Path, label: str):
     proc = subprocess.run([NT_DIST, "train", name], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           env={**os.environ, **env})
     assert_one_line_error(proc)
-    shown = readme_errors()[label]
+    shown = documented_errors()[label]
     actual = next(line for line in proc.stderr.splitlines() if line.startswith("nt-dist: error:"))
-    if shown.endswith("..."):  # a long list cut short in the README
+    if shown.endswith("..."):  # a long list cut short in the table
         assert actual.startswith(shown.removesuffix("..."))
     else:
         assert actual == shown
