@@ -397,7 +397,7 @@ def _known_keys(loc: tuple[Any, ...]) -> str:
 
 def _check(recipe: Recipe, source: str) -> None:
     """Rules that span sections."""
-    from nt_dist.objectives import objective_for
+    from nt_dist.objectives import frozen_roles, objective_for
 
     objective_for(recipe).check(recipe, source)  # the role's or the attack's own rules
     if recipe.optim.schedule == "multistep" and not recipe.optim.milestones:
@@ -414,12 +414,11 @@ def _check(recipe: Recipe, source: str) -> None:
     if recipe.data.augment_views and not loader.augment_views:
         raise UserError(f"{source}: data.augment_views: needs data.loader: {loaders_with('augment_views')} "
                         f"({loader.name} draws augmentations from {loader.rng})")
-    for section in ("nasty", "distill"):
-        if getattr(recipe, section).cache_logits:
-            if not loader.logit_cache:
-                raise UserError(f"{source}: {section}.cache_logits: needs data.loader: {loaders_with('logit_cache')}")
-            if not recipe.data.augment_views and recipe.data.augment != "none":
-                raise UserError(f"{source}: {section}.cache_logits: needs data.augment_views > 0 (or "
-                                "data.augment: none); with a fresh augmentation every epoch no image repeats")
+    for section in (role.section for role in frozen_roles() if role.cache_logits(recipe)):
+        if not loader.logit_cache:
+            raise UserError(f"{source}: {section}.cache_logits: needs data.loader: {loaders_with('logit_cache')}")
+        if not recipe.data.augment_views and recipe.data.augment != "none":
+            raise UserError(f"{source}: {section}.cache_logits: needs data.augment_views > 0 (or "
+                            "data.augment: none); with a fresh augmentation every epoch no image repeats")
     if dataset.needs_root and loader.reads_root and not recipe.data.root:
         raise UserError(f"{source}: data.root: required for data set {recipe.data.name!r}")

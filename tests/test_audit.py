@@ -135,12 +135,12 @@ def test_unknown_names_are_one_line():
     assert audit.parse_attacks(["all"]) == ("kd", "topk", "skeptical", "dafl", "deepinversion") and audit.parse_defences(["none"]) == ()
 
 
-# ----------------------------------------------------------------------------- the README's audit, end to end
+# ----------------------------------------------------------------------------- the audit of docs/audit.md, end to end
 
 
 @pytest.fixture(scope="module")
 def quickstart_teachers(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The README's first step: the quickstart's seed-0 teachers."""
+    """docs/audit.md's first step: the quickstart's seed-0 teachers."""
     root = tmp_path_factory.mktemp("audit")
     done = cli("quickstart", "--seeds", "0", cwd=root)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

@@ -145,7 +145,6 @@ def with_source_parts(step: Any, source: Any) -> Any:
 class DAFL(DataFreeAttack):
     name = "dafl"
     summary = "data-free: a generator trained against the teacher (Chen et al., ICCV 2019), KD on its images"
-    audit_label = "DAFL"
 
     def step(self, recipe: Any, frozen: Any, source: Any = None) -> StepFn:
         return with_source_parts(super().step(recipe, frozen), source)
