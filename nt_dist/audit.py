@@ -51,7 +51,8 @@ class AuditPlan:
     attacks: tuple[str, ...] = field(default_factory=objectives.attack_names)  # every registered attack
     kd_taus: tuple[float, ...] = (4.0, 20.0)
     kd_alphas: tuple[float, ...] = (0.5, 0.9)
-    top_k: int = 2
+    top_k: int = 2  # of the top-k KD attack
+    stingy_k: int = 0  # logits the Stingy defence keeps; 0: the authors' ratio of the classes (0.2, 0.1 from 100)
     defences: tuple[str, ...] = DEFENCES
     student: str = ""  # "": the recipe's network; "self": the audited teacher's architecture; else a name
     seeds: tuple[int, ...] = (0,)
@@ -98,11 +99,15 @@ def attack_columns(plan: AuditPlan) -> dict[str, dict[str, Any]]:
     return columns
 
 
-def _defence_rows(plan: AuditPlan) -> dict[str, dict[str, Any]]:
+def _defence_rows(plan: AuditPlan, classes: int) -> dict[str, dict[str, Any]]:
+    from nt_dist.config import DefenceConfig
+    from nt_dist.defences import stingy_k
+
     rows: dict[str, dict[str, Any]] = {}
     for name in plan.defences:
         if name == "stingy":
-            rows[f"{REFERENCE} + Stingy top-{plan.top_k}"] = {"defence.name": "stingy", "defence.top_k": plan.top_k}
+            k = stingy_k(DefenceConfig(name="stingy", top_k=plan.stingy_k), classes)
+            rows[f"{REFERENCE} + Stingy top-{k}"] = {"defence.name": "stingy", "defence.top_k": k}
         elif name == "noise":
             rows[f"{REFERENCE} + noise"] = {"defence.name": "noise"}
     return rows
@@ -169,8 +174,8 @@ def dataset_classes(recipe: Any) -> int:
 # ----------------------------------------------------------------------------- the pipeline
 
 
-def pipeline_tree(plan: AuditPlan, teacher: Path, reference: Path, student: str) -> dict[str, Any]:
-    """The battery as a pipeline file (what ``<out>/audit.yaml`` holds)."""
+def pipeline_tree(plan: AuditPlan, teacher: Path, reference: Path, student: str, classes: int = 10) -> dict[str, Any]:
+    """The battery as a pipeline file (what ``<out>/audit.yaml`` holds); ``classes``: the data set's."""
     recipe = str(plan.recipe.resolve())
     common = {"model.name": student}
     students: dict[str, Any] = {ALONE: {"recipe": recipe, "set": dict(common), "teachers": [], "baseline": True}}
@@ -182,7 +187,7 @@ def pipeline_tree(plan: AuditPlan, teacher: Path, reference: Path, student: str)
         "set": dict(_pairs(plan.overrides)),
         "teachers": {REFERENCE: {"recipe": recipe, "checkpoint": str(reference)},
                      AUDITED: {"recipe": recipe, "checkpoint": str(teacher)}},
-        "defences": {label: {"teacher": REFERENCE, "set": overrides} for label, overrides in _defence_rows(plan).items()},
+        "defences": {label: {"teacher": REFERENCE, "set": overrides} for label, overrides in _defence_rows(plan, classes).items()},
         "students": students,
     }
 
@@ -368,7 +373,8 @@ def run_audit(plan: AuditPlan, *, parallel: int = 1, launcher: str | None = None
     from nt_dist.fileio import atomic_write_text
 
     teacher, reference, student, recipe = check(plan)
-    tree = pipeline_tree(plan, teacher, reference, student)
+    classes = dataset_classes(recipe)
+    tree = pipeline_tree(plan, teacher, reference, student, classes)
     path = write_pipeline(plan, tree)
     spec = pipeline.load_pipeline(path)
     stages = pipeline.expand(spec)
@@ -380,7 +386,7 @@ def run_audit(plan: AuditPlan, *, parallel: int = 1, launcher: str | None = None
     print(pipeline.summary(outcomes))
     results, _ = report.from_stages(stages)
     models = {REFERENCE: (reference, "--reference", {}), AUDITED: (teacher, "--teacher", {}),
-              **{label: (reference, "--reference", d) for label, d in _defence_rows(plan).items()}}
+              **{label: (reference, "--reference", d) for label, d in _defence_rows(plan, classes).items()}}
     rows = list(models)
     teachers = released_top1s(recipe, models)
     table = protections(results, list(attack_columns(plan)))

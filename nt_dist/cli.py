@@ -86,7 +86,9 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"{' '.join(objectives.attack_names())} (default: all)")
     audit.add_argument("--kd-tau", type=float, nargs="+", default=[4.0, 20.0], metavar="TAU", help="KD's τ_s grid")
     audit.add_argument("--kd-alpha", type=float, nargs="+", default=[0.5, 0.9], metavar="ALPHA", help="KD's α grid")
-    audit.add_argument("--top-k", type=int, default=2, help="k of top-k KD and of the Stingy defence")
+    audit.add_argument("--top-k", type=int, default=2, help="k of the top-k KD attack")
+    audit.add_argument("--stingy-k", type=int, default=0,
+                       help="logits the Stingy defence keeps (default: the authors' share of the classes, 0.2; 0.1 from 100)")
     audit.add_argument("--defences", nargs="+", default=["stingy", "noise"], metavar="DEFENCE",
                        help="served through the reference: stingy noise (or none)")
     audit.add_argument("--student", default="", help="the stolen student's network (default: the recipe's; "
@@ -271,12 +273,14 @@ def audit_command(args: argparse.Namespace) -> int:
         raise UserError(f"--parallel: {args.parallel}: expected 1 or more")
     if args.top_k < 1:
         raise UserError(f"--top-k: {args.top_k}: expected 1 or more")
+    if args.stingy_k < 0:
+        raise UserError(f"--stingy-k: {args.stingy_k}: expected 0 (the authors' share of the classes) or more")
     recipe = Path(args.recipe) if args.recipe else recipes_dir() / "digits_attack.yaml"
     if not recipe.is_file():
         raise UserError(f"--recipe: {recipe}: recipe file not found")
     plan = audit.AuditPlan(teacher=args.teacher, reference=args.reference, recipe=recipe,
                            attacks=audit.parse_attacks(args.attacks), kd_taus=tuple(args.kd_tau),
-                           kd_alphas=tuple(args.kd_alpha), top_k=args.top_k,
+                           kd_alphas=tuple(args.kd_alpha), top_k=args.top_k, stingy_k=args.stingy_k,
                            defences=audit.parse_defences(args.defences), student=args.student,
                            seeds=tuple(args.seeds), out=Path(args.out), name=args.name, experiment=args.experiment,
                            threshold=args.threshold, overrides=tuple(args.overrides))

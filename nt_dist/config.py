@@ -163,8 +163,12 @@ class DistillConfig:
     # deepinversion (Yin et al. 2020): data-free, the student never sees a training image
     method: str = "kd"
     top_k: int = Field(default=1, ge=1, le=1_000_000)  # topk: classes kept of the teacher's softened output
-    aux_layer: str = ""  # skeptical: the student's module feeding the auxiliary head; "": the middle top-level one
-    self_weight: float = Field(default=1.0, ge=0, le=1000)  # skeptical: β of the main head's self-distillation
+    # skeptical: the student's stages, shallow to deep (module names whose outputs are feature maps);
+    # []: its top-level layer1, layer2, ... (the ResNets'). An auxiliary head sits on every stage but the last
+    student_stages: list[str] = dataclasses.field(default_factory=list)
+    kd_head: int = Field(default=2, ge=1, le=64)  # skeptical: the head taking the teacher's KD, the authors' `loc` (1: the deepest auxiliary head)
+    kd_delay: int = Field(default=0, ge=0, le=1_000_000)  # skeptical: epochs on the final head's CE alone before any KD
+    self_weight: float = Field(default=0.3, ge=0, le=1)  # skeptical: final -> deepest-head KL weight; its CE gets 1 − this
 
     @field_validator("method")
     @classmethod
@@ -177,10 +181,12 @@ class DefenceConfig:
     """How the teacher's outputs are released to the student (``nt_dist/defences.py``): the
     other defences a nasty teacher is compared with, served through any teacher checkpoint."""
 
-    # none | stingy (Ma et al. 2022: the top-k logits, the rest zeroed) | noise (Gaussian noise
+    # none | stingy (Ma et al. 2022: the top-k logits, the rest set to −inf) | noise (Gaussian noise
     # of std noise_std on the logits) | round (probabilities rounded to `decimals` places)
     name: Literal["none", "stingy", "noise", "round"] = "none"
-    top_k: int = Field(default=2, ge=1, le=1_000_000)  # stingy: logits kept
+    top_k: int = Field(default=0, ge=0, le=1_000_000)  # stingy: logits kept; 0: round(top_k_ratio × classes)
+    # stingy: the share of classes kept (the authors' sparse_ratio); 0: theirs, 0.2 below 100 classes, 0.1 from 100
+    top_k_ratio: float = Field(default=0.0, ge=0, le=1)
     noise_std: float = Field(default=1.0, ge=0, le=1000)  # noise: std of the added noise, in logits
     decimals: int = Field(default=2, ge=0, le=12)  # round: decimal places of the released probabilities
 
@@ -203,8 +209,11 @@ class DataFreeConfig:
     inversion_lr: float = Field(default=0.05, gt=0)
     bn_weight: float = Field(default=10.0, ge=0)  # DeepInversion: BatchNorm statistics matching
     tv_weight: float = Field(default=2.5e-5, ge=0)  # DeepInversion: total variation (image prior)
-    l2_weight: float = Field(default=0.0, ge=0)  # DeepInversion: ‖x‖² (image prior)
+    l2_weight: float = Field(default=0.0, ge=0)  # DeepInversion: ‖x‖₂ of the jittered batch (image prior)
     competition_weight: float = Field(default=0.0, ge=0)  # DeepInversion: adaptive (ADI) teacher-student disagreement
+    # DeepInversion: the authors' script followed for jitter and the l2 prior: cifar (roll ±2 px, no flip,
+    # ‖x‖₂ of the batch) | imagenet (roll ±30 px at 224 px, scaled to the image size, flip p=½, mean per-image ‖x‖₂)
+    jitter: Literal["cifar", "imagenet"] = "cifar"
 
 
 @dataclass(frozen=True, config=_STRICT)

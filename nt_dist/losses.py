@@ -8,15 +8,22 @@ probabilities of 200 classes differ in the fourth decimal and bf16 rounds that a
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
 def soft_kl(p_logits: Tensor, q_logits: Tensor, tau: float) -> Tensor:
-    """``KL(σ_τ(p_logits) ‖ σ_τ(q_logits))``, batch mean, in fp32 (no τ² factor)."""
+    """``KL(σ_τ(p_logits) ‖ σ_τ(q_logits))``, batch mean, in fp32 (no τ² factor).
+
+    A −inf logit in ``p_logits`` (a Stingy teacher's release) is a class of probability 0 and
+    contributes 0 (0·log 0 = 0, as PyTorch's ``KLDivLoss`` takes it), with no NaN in the gradient.
+    """
     log_p = F.log_softmax(p_logits.float() / tau, dim=-1)
     log_q = F.log_softmax(q_logits.float() / tau, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()
+    p = log_p.exp()
+    log_p = torch.where(p > 0, log_p, torch.zeros_like(log_p))  # 0·log 0 = 0, and no −inf in the graph
+    return (p * (log_p - log_q)).sum(dim=-1).mean()
 
 
 def kd_loss(

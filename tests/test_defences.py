@@ -4,10 +4,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nt_dist.config import DefenceConfig
-from nt_dist.defences import Released, noisy, release, rounded, stingy
+from nt_dist.defences import Released, noisy, release, rounded, stingy, stingy_k
+from nt_dist.losses import kd_loss
 
 LN3 = math.log(3.0)
 
@@ -16,20 +18,75 @@ def t(*rows):
     return torch.tensor(rows, dtype=torch.float32)
 
 
-def test_stingy_keeps_top_k_zeros_rest():
+INF = float("-inf")
+
+
+def test_stingy_keeps_top_k_and_sets_the_rest_to_minus_inf():
     logits = t([-1.0, 3.0, -5.0, 2.0], [0.5, -0.25, 4.0, -3.0])
-    assert stingy(logits, 2).tolist() == [[0.0, 3.0, 0.0, 2.0], [0.5, 0.0, 4.0, 0.0]]
-    assert stingy(logits, 1).tolist() == [[0.0, 3.0, 0.0, 0.0], [0.0, 0.0, 4.0, 0.0]]
+    assert stingy(logits, 2).tolist() == [[INF, 3.0, INF, 2.0], [0.5, INF, 4.0, INF]]
+    assert stingy(logits, 1).tolist() == [[INF, 3.0, INF, INF], [INF, INF, 4.0, INF]]
     # k covering every class (or more) releases the logits unchanged
     assert torch.equal(stingy(logits, 4), logits) and torch.equal(stingy(logits, 10), logits)
 
 
-def test_stingy_with_all_negative_logits_keeps_the_largest_and_zeros_beat_them():
+def test_stingy_keeps_top1_even_when_every_logit_is_negative():
     logits = t([-1.0, -2.0, -3.0])
-    released = stingy(logits, 1)
-    assert released.tolist() == [[-1.0, 0.0, 0.0]]
-    # as documented: with a negative top logit the released argmax is no longer the true one
-    assert released.argmax().item() != logits.argmax().item()
+    assert stingy(logits, 1).tolist() == [[-1.0, INF, INF]]
+    assert stingy(logits, 2).argmax().item() == logits.argmax().item() == 0
+
+
+@pytest.mark.parametrize(("classes", "k"), [(10, 2), (100, 10), (200, 20), (1000, 100), (4, 1)])
+def test_stingy_k_is_the_authors_ratio_of_the_classes(classes: int, k: int):
+    # train_kd_stingy.py: num_keep = int(sparse_ratio * classes), sparse_ratio 0.2 (CIFAR-10), 0.1 (CIFAR-100, Tiny)
+    assert stingy_k(DefenceConfig(name="stingy"), classes) == k
+    assert stingy_k(DefenceConfig(name="stingy", top_k_ratio=0.5), classes) == max(1, classes // 2)
+    assert stingy_k(DefenceConfig(name="stingy", top_k=3), classes) == min(3, classes)
+
+
+@pytest.mark.parametrize(("classes", "k", "tau"), [(10, 2, 20.0), (100, 10, 20.0), (10, 2, 4.0), (200, 20, 4.0)])
+def test_the_released_distribution_has_exactly_k_nonzero_probabilities(classes: int, k: int, tau: float):
+    logits = torch.randn(64, classes, generator=torch.Generator().manual_seed(classes)) * 5
+    released = stingy(logits, stingy_k(DefenceConfig(name="stingy"), classes))
+    soft = torch.softmax(released / tau, dim=1)
+    assert ((soft > 0).sum(dim=1) == k).all()
+    assert torch.equal(released.argmax(dim=1), logits.argmax(dim=1))  # top-1 kept by construction
+    assert soft.sum(dim=1).tolist() == pytest.approx([1.0] * 64, abs=1e-5)
+
+
+@pytest.mark.parametrize(("tau", "alpha"), [(4.0, 0.9), (20.0, 0.9), (20.0, 0.5), (1.0, 0.3)])
+def test_kd_from_a_stingy_release_is_the_authors_loss(tau: float, alpha: float):
+    # teacher (τ ln 3, 0, −7, −9), k = 2: released (τ ln 3, 0, −inf, −inf) -> σ_τ = (3/4, 1/4, 0, 0);
+    # student zeros -> σ_τ = 1/4 each; KL = ¾ ln(¾ / ¼) + ¼ ln(¼ / ¼) = ¾ ln 3; CE(zeros, y) = ln 4
+    teacher = t([tau * LN3, 0.0, -7.0, -9.0])
+    student = torch.zeros(1, 4, requires_grad=True)
+    expected = alpha * tau * tau * 0.75 * LN3 + (1 - alpha) * math.log(4.0)
+    loss = kd_loss(student, stingy(teacher, 2), torch.tensor([2]), alpha, tau)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(student.grad).all()
+    # d/dz_S of α·τ²·KL(p ‖ σ_τ(z_S)) = α·τ·(q − p); of (1 − α)·CE = (1 − α)·(σ(z_S) − onehot(2))
+    q, p = torch.full((4,), 0.25), torch.tensor([0.75, 0.25, 0.0, 0.0])
+    grad = alpha * tau * (q - p) + (1 - alpha) * (torch.full((4,), 0.25) - torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    assert student.grad[0].tolist() == pytest.approx(grad.tolist(), abs=1e-5)
+
+
+def test_kd_from_a_stingy_release_agrees_with_the_authors_code_on_random_tensors():
+    # loss_fn_kd_stingy of train_kd_stingy.py, as written there (KLDivLoss on the −inf-filled logits)
+    generator = torch.Generator().manual_seed(0)
+    for classes, ratio, tau, alpha in ((10, 0.2, 20.0, 0.9), (100, 0.1, 20.0, 0.9), (10, 0.2, 4.0, 0.9)):
+        teacher = torch.randn(32, classes, generator=generator) * 3
+        student = torch.randn(32, classes, generator=generator)
+        labels = torch.randint(0, classes, (32,), generator=generator)
+        num_keep = int(ratio * classes)
+        value, index = torch.topk(teacher, k=num_keep, dim=1)
+        sparse = torch.full(teacher.shape, float("-inf"))
+        row = torch.tensor([[i] * num_keep for i in range(index.shape[0])])
+        sparse[row, index] = value
+        theirs = nn.KLDivLoss(reduction="batchmean")(F.log_softmax(student / tau, dim=1),
+                                                      F.softmax(sparse / tau, dim=1)) * (alpha * tau * tau) + \
+            nn.CrossEntropyLoss()(student, labels) * (1.0 - alpha)
+        ours = kd_loss(student, stingy(teacher, stingy_k(DefenceConfig(name="stingy"), classes)), labels, alpha, tau)
+        assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
 
 
 def test_noisy_is_reproducible_with_a_seeded_generator():
@@ -74,7 +131,9 @@ LOGITS = t([-1.0, 3.0, -5.0, 2.0], [0.5, -0.25, 4.0, -3.0])
 def test_released_applies_each_defence():
     net = nn.Identity()  # the "network" returns its input: the logits themselves
     stingy_net = Released(net, DefenceConfig(name="stingy", top_k=2))
-    assert stingy_net(LOGITS).tolist() == [[0.0, 3.0, 0.0, 2.0], [0.5, 0.0, 4.0, 0.0]]
+    assert stingy_net(LOGITS).tolist() == [[INF, 3.0, INF, 2.0], [0.5, INF, 4.0, INF]]
+    # without top_k: the authors' ratio, int(0.2 × 4 classes) = 0 -> at least 1
+    assert Released(net, DefenceConfig(name="stingy"))(LOGITS).tolist() == [[INF, 3.0, INF, INF], [INF, INF, 4.0, INF]]
     round_net = Released(net, DefenceConfig(name="round", decimals=3))
     assert torch.equal(round_net(LOGITS), rounded(LOGITS, 3))
     noise_net = Released(net, DefenceConfig(name="noise", noise_std=0.3), seed=5)
