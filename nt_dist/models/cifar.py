@@ -546,6 +546,13 @@ def cifar_cnn(num_classes: int = 10, **kwargs: Any) -> CifarCNN:
 
 
 @_entrypoint
+def cifar_resnet8(num_classes: int = 10, **kwargs: Any) -> PreResNet:
+    """``PreResNet(depth=8)``: n = 1 block per stage, the family's smallest (not in the authors'
+    configs; the digits audit's convolutional student)."""
+    return PreResNet(8, num_classes=num_classes, **kwargs)
+
+
+@_entrypoint
 def cifar_resnet20(num_classes: int = 10, **kwargs: Any) -> PreResNet:
     """Authors' ``PreResNet(depth=20)``: n = 3 blocks per stage."""
     return PreResNet(20, num_classes=num_classes, **kwargs)
