@@ -1,24 +1,65 @@
 """DeepInversion (``distill.method: deepinversion``; Yin et al., "Dreaming to Distill: Data-free Knowledge Transfer via
-DeepInversion", CVPR 2020).
+DeepInversion", CVPR 2020), with Adaptive DeepInversion's optional competition term.
 
-Images are synthesised from the frozen teacher alone: starting from noise, a batch x with
-target classes y is optimised (Adam) so the teacher classifies it as y while the statistics of
-every BatchNorm layer's input match the running statistics the teacher stored in training::
+Images are synthesised from the frozen teacher alone: a batch x with target classes y starts
+as N(0, 1) noise and Adam updates it, each step, to lower::
 
     L(x) = CE(f_T(x̃), y) + w_bn·Σ_l (‖μ_l(x̃) − μ_l‖₂ + ‖σ²_l(x̃) − σ²_l‖₂)
-           + w_tv·TV(x) + w_l2·‖x‖² + w_adi·(1 − JS(σ(f_T(x̃)) ‖ σ(f_S(x̃))))
+           + w_tv·TV(x̃) + w_l2·R(x̃) + w_adi·C(f_S(x̃), f_T(x̃))
 
-x̃ is x randomly shifted (up to 2 px) and flipped each step (the authors' jitter); TV is the sum
-of the L2 norms of the four neighbour differences (their ``get_image_prior_losses``). The last
-term, Adaptive DeepInversion's competition, is optional (``datafree.competition_weight``): it
-pushes the images to where teacher and student disagree. The student then learns by KD
-(``distill.tau``, ``distill.alpha``, the target classes as labels) on the synthesised images.
+- x̃, the step's jitter (``datafree.jitter``): ``cifar`` rolls x by (dy, dx), both uniform integers
+  in [−2, 2], no flip; ``imagenet`` rolls by integers in [−s, s], s = max(1, round(30·size/224)),
+  then flips along the width with probability ½.
+- μ_l, σ²_l: the batch mean and biased variance of BatchNorm layer l's input; the right-hand
+  terms are its running statistics.
+- TV: the sum of the L2 norms of the four neighbour differences (horizontal, vertical, both
+  diagonals) of x̃.
+- R: ``cifar`` ‖x̃‖₂ over the whole batch (a norm, not squared); ``imagenet`` mean_i ‖x̃_i‖₂.
+- C (competition, :func:`competition_loss`): P = σ(f_S(x̃)/3), Q = σ(f_T(x̃)/3), M = (P + Q)/2,
+  each then clamped to [0.01, 0.99] (not renormalised); C = 1 − clamp(½·KL(M‖P) + ½·KL(M‖Q), 0, 1),
+  KL summed over classes and averaged over the batch. It pushes the images to where teacher and
+  student disagree; the student is in eval mode, its parameters untouched, and the gradient
+  reaches x through it too.
 
-Defaults follow the authors' CIFAR-10 script (Adam lr 0.05, 2,000 steps, BN weight 10, TV
-2.5e-5). Without the competition term the images are synthesised once, before the first epoch,
-and saved beside the checkpoints (``synthetic_rank<r>.safetensors``, keyed by the teacher and
-the settings), so a resumed run does not synthesise them again; with it, each epoch's images are
-synthesised anew against the student as it stands at the epoch's start.
+The student then learns by KD (``distill.tau``, ``distill.alpha``, the target classes as labels)
+on the synthesised images. Without the competition term the images are synthesised once, before
+the first epoch, and saved beside the checkpoints (``synthetic_rank<r>.safetensors``, keyed by the
+teacher and the settings, jitter included), so a resumed run does not synthesise them again; with
+it, each epoch's images are synthesised anew against the student as it stands at the epoch's start.
+
+Authors' code (NVlabs/DeepInversion): ``cifar10/deepinversion_cifar10.py`` (commit abafd38e, the
+``cifar`` jitter) and the ``DeepInversionClass`` of ``deepinversion.py`` (commit 1585b0ed, the
+``imagenet`` jitter). Agreeing with it: the noise start, Adam on the pixels (default betas), the jitter
+(roll offsets, flip), the teacher and the student both fed x̃, CE on the teacher's logits, the BN
+loss (every BatchNorm2d, biased variance, unscaled L2 norms), TV and the l2 prior on x̃, the
+competition term exactly as they compute it, and the weights' roles. Defaults are the CIFAR README's
+"paper parameters" command: ``--bs=256 --r_feature_weight=10 --di_lr=0.05`` with the script's
+2,000 iterations, TV 2.5e-5, l2 0 and no competition.
+
+Deviations:
+
+1. Randomness (noise, roll offsets, flips) comes from a ``torch.Generator`` seeded per run, rank
+   and epoch, not from Python's ``random`` and the global torch RNG: same distributions, other draws.
+2. Images kept: the final ones. The CIFAR script keeps ``best_inputs = inputs.data``, a view of the
+   same storage, so it returns the final images too; the ImageNet class never updates ``best_cost``,
+   so it also keeps the last step's images (given a loss below 1e4).
+3. Targets: batch b of rank r holds classes (k + (r·batches + b)·batch_size) mod C, k = 0..batch_size−1.
+   The CIFAR script's ``[0..9]*25 + [0..5]`` is the same cycle for the first batch at 10 classes;
+   our later batches continue the cycle instead of restarting at class 0 (the ImageNet class uses
+   a fixed list of 42 preselected classes).
+4. Image size: the data set's (``data.image_size``); the CIFAR script is fixed at 32 px.
+5. ``imagenet`` jitter: the authors' 30 px at 224 px scaled to the image size (above). Not reproduced
+   from the ImageNet class: the TV L1 term, the first-BN multiplier, the main-loss multiplier, the
+   multi-resolution schedule (2k steps at half size, then 1k), the cosine learning rate, the clipping
+   of pixels to the valid range after each step, Adam betas (0.5, 0.9), fp16/AMP, and ``detach_student``
+   (we never detach, their default).
+6. fp32 only; the CIFAR script's optional ``--amp`` (APEX O1) is not reproduced.
+7. BN loss: the authors keep each layer's last call only; we sum every call of a layer used twice
+   in one forward (the same for the usual networks).
+8. Synthesis and training: the CIFAR script synthesises one batch and stops; the pool of
+   ``datafree.batches`` batches per rank (seeded, saved for resume), the KD training on it (each
+   image flipped left-right with probability ½), and, with the competition term, the per-epoch
+   re-synthesis against the current student (ADI's alternation as the paper describes it) are ours.
 """
 
 from __future__ import annotations
@@ -27,7 +68,7 @@ import json
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +78,10 @@ from nt_dist.errors import UserError
 from nt_dist.fileio import atomic_save_tensors
 from nt_dist.objectives.kd import DataFreeAttack
 from nt_dist.objectives.registry import register
+
+Jitter = Literal["cifar", "imagenet"]
+JITTERS = ("cifar", "imagenet")
+COMPETITION_T = 3.0  # the authors' temperature for the competition term
 
 
 def bn_statistics_loss(features: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
@@ -48,7 +93,8 @@ def bn_statistics_loss(features: Tensor, running_mean: Tensor, running_var: Tens
 
 
 def total_variation(images: Tensor) -> Tensor:
-    """Sum of the L2 norms of the horizontal, vertical and both diagonal neighbour differences."""
+    """Sum of the L2 norms of the horizontal, vertical and both diagonal neighbour differences
+    (the authors' ``loss_var_l2``); pass the jittered images, as they do."""
     d1 = images[:, :, :, :-1] - images[:, :, :, 1:]
     d2 = images[:, :, :-1, :] - images[:, :, 1:, :]
     d3 = images[:, :, 1:, :-1] - images[:, :, :-1, 1:]
@@ -56,12 +102,25 @@ def total_variation(images: Tensor) -> Tensor:
     return sum(torch.linalg.vector_norm(d) for d in (d1, d2, d3, d4))  # type: ignore[return-value]
 
 
-def js_divergence(p_logits: Tensor, q_logits: Tensor) -> Tensor:
-    """Jensen-Shannon divergence of σ(p) and σ(q) (natural log, batch mean; 0 ≤ JS ≤ ln 2)."""
-    p, q = torch.softmax(p_logits.float(), dim=1), torch.softmax(q_logits.float(), dim=1)
-    m = (p + q) / 2
-    kl = lambda a: (torch.xlogy(a, a) - torch.xlogy(a, m)).sum(dim=1)  # noqa: E731
-    return (0.5 * (kl(p) + kl(q))).mean()
+def l2_prior(images: Tensor, jitter: Jitter) -> Tensor:
+    """The l2 image prior of the jittered batch: ``cifar`` the L2 norm of the whole batch (not
+    squared; ``torch.norm(inputs_jit, 2)``), ``imagenet`` the mean of the per-image L2 norms."""
+    if jitter == "cifar":
+        return torch.linalg.vector_norm(images)
+    return torch.linalg.vector_norm(images.flatten(1), dim=1).mean()
+
+
+def competition_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = COMPETITION_T) -> Tensor:
+    """Adaptive DeepInversion's competition term as the authors compute it: with P = σ(s/T),
+    Q = σ(t/T), M = (P + Q)/2, all three clamped to [0.01, 0.99] (not renormalised),
+    ``1 − clamp(½·KL(M‖P) + ½·KL(M‖Q), 0, 1)``, KL summed over classes and averaged over the
+    batch (``KLDivLoss(reduction="batchmean")``). 1 where they agree, 0 once they differ enough."""
+    p = torch.softmax(student_logits.float() / T, dim=1)
+    q = torch.softmax(teacher_logits.float() / T, dim=1)
+    m = 0.5 * (p + q)
+    p, q, m = p.clamp(0.01, 0.99), q.clamp(0.01, 0.99), m.clamp(0.01, 0.99)
+    js = 0.5 * F.kl_div(p.log(), m, reduction="batchmean") + 0.5 * F.kl_div(q.log(), m, reduction="batchmean")
+    return 1.0 - js.clamp(0.0, 1.0)
 
 
 class BatchNormProbe:
@@ -89,16 +148,31 @@ class BatchNormProbe:
             handle.remove()
 
 
-def _jitter(images: Tensor, generator: torch.Generator) -> Tensor:
-    dx, dy, flip = torch.randint(-2, 3, (3,), generator=generator, device=images.device).tolist()
-    images = torch.roll(images, shifts=(dx, dy), dims=(2, 3))
-    return images.flip(3) if flip > 0 else images
+def jitter_shift(image_size: int, jitter: Jitter) -> int:
+    """The largest roll offset: 2 px (``cifar``), or the ImageNet class's 30 px at 224 px scaled to
+    the image size, at least 1 (``imagenet``)."""
+    return 2 if jitter == "cifar" else max(1, round(30 * image_size / 224))
+
+
+def jitter_images(images: Tensor, generator: torch.Generator, jitter: Jitter) -> Tensor:
+    """One step's x̃: ``torch.roll`` by (dy, dx) uniform in [−s, s] over (H, W); ``imagenet`` then
+    flips along the width with probability ½. Draws from ``generator`` only."""
+    if jitter not in JITTERS:
+        raise ValueError(f"jitter: got {jitter!r}; expected one of {', '.join(JITTERS)}")
+    s = jitter_shift(images.shape[-1], jitter)
+    dy, dx = torch.randint(-s, s + 1, (2,), generator=generator, device=images.device).tolist()
+    images = torch.roll(images, shifts=(dy, dx), dims=(2, 3))
+    if jitter == "imagenet" and float(torch.rand((), generator=generator, device=images.device)) > 0.5:
+        images = torch.flip(images, dims=(3,))
+    return images
 
 
 def invert_batch(teacher: nn.Module, probe: BatchNormProbe, targets: Tensor, image_size: int, *, steps: int,
                  lr: float, bn_weight: float, tv_weight: float, l2_weight: float, competition_weight: float = 0.0,
-                 student: Callable[[Tensor], Tensor] | None = None, generator: torch.Generator) -> tuple[Tensor, list[float]]:
-    """Synthesise one batch for ``targets``; returns the images and the loss at each step."""
+                 jitter: Jitter = "cifar", student: Callable[[Tensor], Tensor] | None = None,
+                 generator: torch.Generator) -> tuple[Tensor, list[float]]:
+    """Synthesise one batch for ``targets``; returns the final images and the loss at each step
+    (the module docstring's L, every prior on the jittered images)."""
     device = targets.device
     images = torch.randn(len(targets), 3, image_size, image_size, generator=generator, device=device)
     images.requires_grad_(True)
@@ -106,12 +180,12 @@ def invert_batch(teacher: nn.Module, probe: BatchNormProbe, targets: Tensor, ima
     history = []
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        seen = _jitter(images, generator)
+        seen = jitter_images(images, generator, jitter)
         logits = teacher(seen)
         loss = F.cross_entropy(logits.float(), targets) + bn_weight * probe.take()
-        loss = loss + tv_weight * total_variation(images) + l2_weight * images.pow(2).sum()
+        loss = loss + tv_weight * total_variation(seen) + l2_weight * l2_prior(seen, jitter)
         if competition_weight and student is not None:
-            loss = loss + competition_weight * (1.0 - js_divergence(logits, student(seen)))
+            loss = loss + competition_weight * competition_loss(student(seen), logits)
         loss.backward()
         optimizer.step()
         history.append(float(loss.detach()))
@@ -124,7 +198,7 @@ class InversionSource:
     in a seeded shuffled order, each randomly flipped; labels are the target classes."""
 
     def __init__(self, teacher: nn.Module, *, num_classes: int, image_size: int, batch_size: int, batches: int,
-                 settings: dict[str, float], seed: int, rank: int, device: torch.device, folder: Path,
+                 settings: dict[str, Any], seed: int, rank: int, device: torch.device, folder: Path,
                  identity: str, student: Callable[[Tensor], Tensor] | None = None,
                  announce: Callable[[str], None] = print) -> None:
         self.teacher, self.num_classes, self.image_size = teacher, num_classes, image_size
@@ -206,7 +280,7 @@ def eval_logits(student: nn.Module, images: Tensor) -> Tensor:
         for p, flag in zip(student.parameters(), flags, strict=True):
             p.requires_grad_(flag)
         student.train(was_training)
-    return out[0] if isinstance(out, tuple) else out
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @register
@@ -219,7 +293,7 @@ class DeepInversion(DataFreeAttack):
         cfg = recipe.datafree
         settings = {"steps": cfg.inversion_steps, "lr": cfg.inversion_lr, "bn_weight": cfg.bn_weight,
                     "tv_weight": cfg.tv_weight, "l2_weight": cfg.l2_weight,
-                    "competition_weight": cfg.competition_weight}
+                    "competition_weight": cfg.competition_weight, "jitter": cfg.jitter}
         name = recipe.run.name
         return InversionSource(teacher, num_classes=num_classes, image_size=recipe.data.image_size,
                                batch_size=cfg.batch_size, batches=cfg.batches, settings=settings,
