@@ -10,8 +10,8 @@ every step. With ``t = f_T(G(z))`` and ``a`` the teacher's features before its c
     L_G  = w_oh·L_oh + w_a·L_a + w_ie·L_ie
     L_S  = α·τ²·KL(σ_τ(t) ‖ σ_τ(f_S(G(z)))) + (1 − α)·CE(f_S(G(z)), argmax t)
 
-The authors' code (``DAFL-train.py`` of huawei-noah/Data-Efficient-Model-Compression,
-now in huawei-noah/Efficient-Computing) is followed:
+The authors' code (``DAFL/DAFL-train.py`` of huawei-noah/Data-Efficient-Model-Compression,
+now in huawei-noah/Efficient-Computing at commit 132e841b985fdebbff326ecfab7902b4f15dc5bb) is followed:
 its generator (with its ``BatchNorm2d(.., 0.8)``, i.e. eps = 0.8), ``log10`` in L_ie, Adam for G,
 and the student trained on the same images G made before its update. Their CIFAR command:
 ``--n_epochs 2000 --batch_size 1024 --lr_G 0.02 --lr_S 0.1 --latent_dim 1000 --oh 0.05 --ie 5
@@ -20,6 +20,13 @@ and the student trained on the same images G made before its update. Their CIFAR
 :class:`GeneratorSource` is the student's training split: each batch it yields is made by G
 after G's own step, labelled with the teacher's argmax. Each process trains its own generator
 from its own noise stream; its weights, Adam state and noise stream are checkpointed.
+
+Deviations: (1) one generator per process, each on its share of the batch (theirs: one generator
+under ``DataParallel``); (2) the student's KD is :func:`~nt_dist.losses.kd_loss` at the recipe's τ
+and α (theirs ``kdloss`` is τ = 1, α = 1, the defaults of ``recipes/paper``); (3) the student's
+learning-rate schedule is the recipe's (theirs ×0.1 at epochs 800 and 1600 of 2000); (4) the model
+kept is the last epoch's (theirs saves the student of best *test* accuracy); (5) a class of
+p̄_c = 0 (only a Stingy release makes one) adds 0 to L_ie and to its gradient, where theirs is NaN.
 """
 
 from __future__ import annotations
@@ -65,7 +72,10 @@ def dafl_generator_loss(teacher_logits: Tensor, teacher_features: Tensor, onehot
     oh = F.cross_entropy(logits, logits.argmax(dim=1))
     act = -teacher_features.float().abs().mean()
     mean_p = torch.softmax(logits, dim=1).mean(dim=0)
-    ie = torch.xlogy(mean_p, mean_p).sum() / math.log(10)  # log10 as the authors; finite where p̄_c = 0
+    # log10 as the authors. A class no image of the batch can reach (p̄_c = 0: a Stingy release's −inf)
+    # adds 0, and 0 to the gradient: xlogy's derivative there, log 0 + 1, would make it NaN
+    reached = mean_p > 0
+    ie = torch.where(reached, mean_p * torch.log(torch.where(reached, mean_p, 1.0)), 0.0).sum() / math.log(10)
     loss = onehot_weight * oh + activation_weight * act + entropy_weight * ie
     return loss, {"oh": oh.detach(), "act": act.detach(), "ie": ie.detach()}
 

@@ -5,6 +5,11 @@ Network", 2015), and what every attack shares (:class:`Attack`)::
 
 with α = ``distill.alpha``, τ = ``distill.tau`` (:func:`nt_dist.losses.kd_loss`). The teacher
 f_T is frozen and reached through what it releases (``defence``, :mod:`nt_dist.defences`).
+
+Follows ``loss_fn_kd`` of ``train_kd.py`` in VITA-Group/Nasty-Teacher at commit
+2f9c444c2246a15f1b276ed5cc0ab1d631a270b5 (``KLDivLoss(batchmean)(log σ_τ(f_S), σ_τ(f_T))·α·τ² +
+CE·(1 − α)``). Deviations: (1) the KL is computed in fp32 even under autocast; (2) a teacher
+logit of −inf (a Stingy release) contributes 0, as in ``KLDivLoss``, with no NaN in the gradient.
 """
 
 from __future__ import annotations

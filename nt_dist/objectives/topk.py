@@ -10,6 +10,12 @@ e.g. the sparse-target baselines of Ma et al. 2022, "Stingy Teacher")::
 
 Classes outside the top k contribute nothing to the KL (0·log 0 = 0). k = number of classes is
 Hinton KD exactly; k = 1 is CE against the teacher's argmax (scaled by α·τ²).
+
+A **variant**: no stealer's code defines it. The renormalised top-k of σ_τ is the softmax of the
+top-k logits at τ, so this is the student applying to itself the sparsification the Stingy
+Teacher applies to its release (``train_kd_stingy.py`` of HowieMa/stingy-teacher at commit
+b6206bf47c5b372c538c0ae655a50e8ee557db67, there with k = int(sparse_ratio × classes)); the audit
+runs it at ``--top-k`` (default 2).
 """
 
 from __future__ import annotations
