@@ -196,6 +196,17 @@ def test_the_command_runs_stages_in_parallel_processes_and_reports(tmp_path: Pat
     assert again.returncode == 0 and "7 stages: 0 ran, 7 skipped" in again.stdout
 
 
+def test_parallel_stages_share_the_cores_instead_of_each_taking_all():
+    from nt_dist.pipeline.runners import stage_env
+
+    assert stage_env(2, {}, cpus=2)["OMP_NUM_THREADS"] == "1"
+    assert stage_env(3, {}, cpus=16)["OMP_NUM_THREADS"] == "5"
+    assert stage_env(4, {}, cpus=2)["OMP_NUM_THREADS"] == "1"  # never 0
+    assert stage_env(2, {"OMP_NUM_THREADS": "8"}, cpus=2)["OMP_NUM_THREADS"] == "8"  # the user's choice stands
+    assert "OMP_NUM_THREADS" not in stage_env(1, {}, cpus=2)  # one stage at a time: torch's default
+    assert stage_env(1, {"A": "b"}, cpus=2) == {"A": "b", "PYTHONUNBUFFERED": "1"}
+
+
 def test_dry_run_prints_each_stage_through_the_launcher(tmp_path: Path):
     path = write_pipeline(tmp_path)
     proc = subprocess.run([NT_DIST, "pipeline", str(path), "--dry-run", "--launcher",

@@ -65,13 +65,25 @@ def _train_here(stage: Stage) -> dict[str, Any]:
     return dict(train(load_recipe(stage.recipe, list(stage.overrides)), source=str(stage.recipe)))
 
 
-def _train_subprocess(stage: Stage, launcher: str, log: Path) -> dict[str, Any]:
+def stage_env(parallel: int, environ: dict[str, str] | None = None, cpus: int | None = None) -> dict[str, str]:
+    """The environment of a stage's process: with ``parallel`` stages at once, each gets
+    ``cpus // parallel`` intra-op threads (``OMP_NUM_THREADS``, unless set already). Left to
+    torch's default every process takes every core: on a 2-core machine two ResNet-8 stages
+    then took 65 s each instead of 10-18 s."""
+    env = dict(os.environ if environ is None else environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    if parallel > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (cpus or os.cpu_count() or 1) // parallel))
+    return env
+
+
+def _train_subprocess(stage: Stage, launcher: str, log: Path, parallel: int = 1) -> dict[str, Any]:
     from nt_dist.errors import RunError
 
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w", encoding="utf-8") as sink:
         code = subprocess.call(stage_command(stage, launcher), stdout=sink, stderr=subprocess.STDOUT,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               env=stage_env(parallel))
     if code != 0:
         lines = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
         errors = [line for line in lines if "error:" in line] or lines[-1:]
@@ -107,7 +119,7 @@ def run(p: Pipeline, stages: list[Stage], *, launcher: str | None = None, parall
                 return
             echo(f"nt-dist pipeline: start {stage.name}")
             if separate:
-                results = _train_subprocess(stage, launcher, logs / f"{stage.log_name}.log")
+                results = _train_subprocess(stage, launcher, logs / f"{stage.log_name}.log", parallel)
             else:
                 results = _train_here(stage)
             outcome.status, outcome.results = "ran", results
