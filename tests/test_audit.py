@@ -74,7 +74,7 @@ def test_bad_inputs_end_in_one_line_before_anything_is_trained(case: str, expect
 def test_a_reference_of_another_architecture_is_fine_without_defences_and_a_named_student(tmp_path: Path):
     teacher, reference = fake_model(tmp_path / "t"), fake_model(tmp_path / "r", "mlp")
     plan = audit.AuditPlan(str(teacher), str(reference), ATTACK_RECIPE, defences=())
-    assert audit.check(plan).student == "mlp"  # the recipe's student
+    assert audit.check(plan).student == "cifar_resnet8"  # the recipe's student
 
 
 # ----------------------------------------------------------------------------- the battery as a pipeline
@@ -93,11 +93,12 @@ def test_the_battery_is_a_pipeline_of_given_rows_defence_rows_and_attack_columns
     assert len(stages) == 2 * (1 + 6 * 4)
     assert {s.kind for s in stages} == {"baseline", "student"} and all(not s.needs for s in stages)
     by_name = {s.name: s for s in stages}
-    stingy = by_name["seed1/student/top-3-kd/reference-stingy-top-3"]
-    assert stingy.row == "reference + Stingy top-3" and stingy.column == "top-3 KD"
+    # Stingy keeps the authors' share of the classes (0.2 of 10: k = 2), whatever k top-k KD uses
+    stingy = by_name["seed1/student/top-3-kd/reference-stingy-top-2"]
+    assert stingy.row == "reference + Stingy top-2" and stingy.column == "top-3 KD"
     overrides = dict(o.split("=", 1) for o in stingy.overrides)
     assert overrides["distill.teacher_checkpoint"] == str(reference / "model.safetensors")
-    assert (overrides["defence.name"], overrides["defence.top_k"]) == ("stingy", "3")
+    assert (overrides["defence.name"], overrides["defence.top_k"]) == ("stingy", "2")
     assert (overrides["distill.method"], overrides["distill.top_k"]) == ("topk", "3")
     audited = dict(o.split("=", 1) for o in by_name["seed0/student/dafl/under-audit"].overrides)
     assert audited["distill.teacher_checkpoint"] == str(teacher / "model.safetensors")
@@ -106,6 +107,11 @@ def test_the_battery_is_a_pipeline_of_given_rows_defence_rows_and_attack_columns
     alone = by_name["seed0/baseline/alone"]
     assert (alone.row, alone.column) == ("student baseline", "alone")
     assert not [s for s in stages if s.column == "alone" and s.kind == "student"]  # `teachers: []`: no rows
+    # 100 classes: the authors' CIFAR-100 share, 0.1 (k = 10); --stingy-k overrides it
+    assert list(audit.pipeline_tree(plan, *checked[:3], classes=100)["defences"]) == ["reference + Stingy top-10", "reference + noise"]
+    named = audit.AuditPlan(str(teacher), str(reference), ATTACK_RECIPE, stingy_k=7, out=tmp_path / "out")
+    assert audit.pipeline_tree(named, *checked[:3], classes=100)["defences"]["reference + Stingy top-7"]["set"] == {
+        "defence.name": "stingy", "defence.top_k": 7}
 
 
 def test_margins_and_verdicts_from_hand_computed_results():
@@ -200,7 +206,7 @@ def test_the_audit_file_is_readable_yaml_with_absolute_paths(tmp_path: Path):
     checked = audit.check(plan)
     tree = yaml.safe_load(audit.write_pipeline(plan, audit.pipeline_tree(plan, *checked[:3])).read_text())
     assert Path(tree["teachers"]["reference"]["checkpoint"]).is_absolute()
-    assert tree["students"]["alone"] == {"recipe": str(ATTACK_RECIPE), "set": {"model.name": "mlp"}, "teachers": [],
+    assert tree["students"]["alone"] == {"recipe": str(ATTACK_RECIPE), "set": {"model.name": "cifar_resnet8"}, "teachers": [],
                                          "baseline": True}
 
 
@@ -232,5 +238,5 @@ def test_an_interrupted_attack_resumes_to_the_same_student(method: str, tmp_path
     assert "(epoch 2, step 1 of the epoch, global step 5)" in capsys.readouterr().out  # resumed, not restarted
     straight = load_file(str(tmp_path / "straight" / "model.safetensors"))
     resumed = load_file(str(tmp_path / "resumed" / "model.safetensors"))
-    assert straight.keys() == resumed.keys() == create_model("mlp", num_classes=10).state_dict().keys()
+    assert straight.keys() == resumed.keys() == create_model("cifar_resnet8", num_classes=10).state_dict().keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)

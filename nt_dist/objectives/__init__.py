@@ -7,7 +7,7 @@ teacher, baseline         ``run.role``     ``CE(f(x), y)`` (:mod:`.teacher`)
 nasty                     ``run.role``     self-undermining KD against a frozen adversary (:mod:`.nasty`)
 kd                        ``distill.method`` Hinton KD from a frozen teacher (:mod:`.kd`)
 topk                      ``distill.method`` KD on the teacher's top-k classes (:mod:`.topk`)
-skeptical                 ``distill.method`` the Skeptical Student (:mod:`.skeptical`)
+skeptical                 ``distill.method`` the Skeptical Student, as its authors train it (:mod:`.skeptical`)
 dafl                      ``distill.method`` data-free, a generator (:mod:`.dafl`)
 deepinversion             ``distill.method`` data-free, images inverted from BN statistics (:mod:`.deepinversion`)
 ========================= ================ =========================================================
