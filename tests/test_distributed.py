@@ -92,3 +92,20 @@ def test_two_processes_share_the_logit_cache_and_save_it_whole(tmp_path: Path):
     assert [e["cache_hit_rate"] for e in epochs] == [0.0, 1.0]
     cache = load_file(str(out / "logit_cache.safetensors"))
     assert cache["filled"].shape == (256, 1) and bool(cache["filled"].all())
+
+
+def test_two_processes_train_the_skeptical_student_through_its_kd_delay(tmp_path: Path):
+    """Under DDP every parameter must get a gradient each step: before distill.kd_delay the
+    auxiliary heads join the loss with weight 0 (the authors train under DataParallel, which does
+    not ask)."""
+    teacher, out = tmp_path / "teacher", tmp_path / "skeptical"
+    off = {"tracking.enabled": "false"}
+    launch(LAUNCH_1, "digits_teacher.yaml", tiny_overrides(teacher, "teacher", **off))
+    launch(LAUNCH_2, "digits_attack.yaml", tiny_overrides(out, "student", **off, **{
+        "distill.teacher_checkpoint": str(teacher), "distill.method": "skeptical", "distill.kd_delay": "1"}))
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [(e["train_loss"], e["train_ce"]) for e in epochs if "train_loss" in e]
+    assert len(losses) == 2
+    assert losses[0][0] == pytest.approx(losses[0][1], rel=1e-5)  # epoch 1: the final head's CE alone
+    assert losses[1][0] > losses[1][1]  # epoch 2: the KD and self-distillation terms join
+    assert not any(k.startswith(("heads.", "backbone.")) for k in weights(out))  # the plain student is exported

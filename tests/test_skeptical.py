@@ -183,3 +183,12 @@ def test_a_recipe_whose_student_has_no_stages_fails_when_loaded():
     with pytest.raises(UserError, match=r"digits_attack\.yaml: distill\.student_stages: the Skeptical Student needs "
                                         r"at least two stages"):
         load_recipe(recipe, ["distill.method=skeptical", "model.name=mlp"])
+
+
+def test_before_kd_delay_every_head_still_gets_a_gradient_of_zero():
+    """DDP (what accelerate launch wraps the student in) fails on parameters left out of the graph."""
+    model = SkepticalStudent(create_model("cifar_resnet8", 10), 10, 16).train()
+    skeptical_loss(model(torch.randn(4, 3, 16, 16)), torch.randn(4, 10), torch.tensor([0, 1, 2, 3]), loc=2,
+                   alpha=0.9, tau=4.0, self_weight=0.3, distilling=False).backward()
+    grads = [p.grad for p in model.heads.parameters()]
+    assert all(g is not None and not g.any() for g in grads)

@@ -82,10 +82,9 @@ def skeptical_loss(outputs: list[Tensor], teacher_logits: Tensor, labels: Tensor
     aux_ce = F.cross_entropy(kd_head.float(), labels)
     self_kl = soft_kl(final, deepest, tau)
     self_ce = F.cross_entropy(deepest.float(), labels)
-    loss = ce
-    if distilling:
-        loss = (alpha * tau * tau * kl + (1.0 - alpha) * aux_ce
-                + self_weight * self_kl + (1.0 - self_weight) * self_ce + ce)
+    distilled = alpha * tau * tau * kl + (1.0 - alpha) * aux_ce + self_weight * self_kl + (1.0 - self_weight) * self_ce
+    # before kd_delay the heads still join the graph with weight 0: DDP expects every parameter to get a gradient
+    loss = ce + distilled if distilling else ce + 0.0 * distilled
     parts = {"ce": ce, "kl": kl, "aux_ce": aux_ce, "self_kl": self_kl, "self_ce": self_ce}
     return (loss, {k: v.detach() for k, v in parts.items()}) if return_parts else loss
 
