@@ -1,11 +1,9 @@
 """The Skeptical Student (``distill.method: skeptical``; Kundu et al., "Analyzing the Confidentiality of
 Undistillable Teachers in Knowledge Distillation", NeurIPS 2021), as its authors' code trains it.
 
-Follows ``train_kd_to_SD.py`` (``loss_fn_kd``) and ``resnet_self.py`` of the authors' repository
-(the Skeptical-Student code released with the paper; its ``resnet_self.py`` is the ResNet of
-"Be Your Own Teacher" (BYOT, Zhang et al., ICCV 2019, luanyunteng/pytorch-be-your-own-teacher)).
-Our reference library holds ``train_kd_to_SD.py`` without its repository name or commit, so no
-commit can be pinned; the formula below is theirs line by line.
+Follows ``train_kd_to_SD.py`` (``loss_fn_kd``) and ``resnet_self.py`` of ksouvik52/Skeptical2021
+at commit ba91f0768bb5814de2cb0e99a8a36f82e15d6c51, the code released with the paper (its
+``resnet_self.py`` is the ResNet of "Be Your Own Teacher" (BYOT, Zhang et al., ICCV 2019)).
 
 The student carries an auxiliary classifier on each of its stages but the last; with its own
 final classifier they are the authors' ``outputs = [4/4, 3/4, 2/4, 1/4]`` (index 0 the final head,
@@ -26,8 +24,8 @@ average pool and a linear classifier. ``SepConv`` is theirs: depthwise 3×3 (str
 ReLU → depthwise 3×3 → 1×1 → BN → ReLU. The heads exist only while training: in eval mode the
 model is the plain student, and the exported model is the plain student's weights.
 
-Choices where their repository leaves a value unset (its ``params.json`` files are not
-released):
+Choices where their repository leaves a value unset (it releases the ``params.json`` of its
+baseline and nasty teachers only, not of the skeptical students):
 
 - ``loc`` (``distill.kd_head``) defaults to 2, the head at half depth on a four-stage ResNet
   (2/4): the teacher's soft labels enter two stages below the final classifier, the paper's idea
@@ -44,9 +42,12 @@ Deviations:
    from a dry forward pass.
 2. Only the heads the loss reads are built (the deepest and ``loc``); theirs builds all three, and
    the others get no gradient from this loss, so training is the same.
-3. The pool is adaptive (``AdaptiveAvgPool2d(1)``) where theirs is ``AvgPool2d(4, 4)``: the same on
-   32 px inputs (a 4×4 last stage), defined at every other size. The attention's upsampling
-   targets the feature's own size, which is ×2 whenever that size is even.
+3. The heads' pool is adaptive (``AdaptiveAvgPool2d(1)``) where theirs is ``AvgPool2d(4, 4)`` ("(8, 8)
+   for tiny_imagenet" in their comment): the same on 32 px inputs (a 4×4 last stage), defined at
+   every other size. The attention's upsampling targets the feature's own size, which is ×2
+   whenever that size is even. The final head is the student's own classifier, as their ``fc4``.
+4. The model kept is the last epoch's (theirs saves the student of best *test* accuracy), and the
+   optimiser and schedule are the recipe's (theirs: SGD 0.9 / 5e-4, ×γ at ``schedule``).
 """
 
 from __future__ import annotations
