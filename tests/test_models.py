@@ -18,6 +18,7 @@ from nt_dist.models import UnknownModelError, create_model, list_models
 
 OURS = [
     "cifar_cnn",
+    "cifar_resnet8",
     "cifar_resnet20",
     "cifar_resnet32",
     "cifar_resnet18",
@@ -32,6 +33,7 @@ OURS = [
 #: name -> (params with 10 classes, params with 200 classes), from the authors' implementations.
 PARAMS = {
     "cifar_cnn": (357_514, 382_024),
+    "cifar_resnet8": (77_850, 90_200),
     "cifar_resnet20": (272_282, 284_632),
     "cifar_resnet32": (466_714, 479_064),
     "cifar_resnet18": (11_173_962, 11_271_432),
@@ -93,6 +95,7 @@ def test_hand_counts() -> None:
     assert n_params(built("cifar_resnet18", 10)) == 11_173_962  # kuangliu ResNet18, CIFAR-10
     assert n_params(built("cifar_resnet20", 10)) == preresnet_params(20, 10) == 272_282  # ~0.27 M
     assert n_params(built("cifar_resnet32", 10)) == preresnet_params(32, 10)
+    assert n_params(built("cifar_resnet8", 10)) == preresnet_params(8, 10) == 77_850
     assert n_params(create_model("mlp", 10, hidden=32)) == (3 * 64 + 1) * 32 + (32 + 1) * 10
 
 
