@@ -6,7 +6,8 @@ Layout of a run folder (``run.output_dir``)::
     model.safetensors        model-only export: weights + metadata (architecture, classes, run id)
     metrics.json             final evaluation (written last: its presence means "complete")
     metrics.jsonl            one JSON line per logged event (ffcv-imagenet style)
-    checkpoints/step_000001234/   accelerate state + trainer_state.json, renamed into place
+    checkpoints/step_000001234/   accelerate state + trainer_state.json, renamed into place (any other
+                             folder there is not ours: skipped, named in a warning)
     logit_cache.safetensors  the frozen network's cached logits (nasty/distill.cache_logits), keyed
                              by what they depend on; saved with epoch-end and preemption checkpoints
 
@@ -18,9 +19,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from nt_dist.errors import UserError, warn
-from nt_dist.fileio import atomic_save_tensors, atomic_write_text, fsync_dir
+from nt_dist.fileio import apply_umask, atomic_save_tensors, atomic_write_text, fsync_dir
 
 MODEL_FILE = "model.safetensors"
 CACHE_FILE = "logit_cache.safetensors"
@@ -40,12 +42,71 @@ FORMAT = "nt_dist.model/1"
 
 @dataclass
 class TrainState:
-    """Counters that, with the accelerate state, make a run resumable at any step boundary."""
+    """Counters that, with the accelerate state, make a run resumable at any step boundary.
+
+    The ``epoch_*`` fields let an epoch resumed mid-way log what the uninterrupted run logs:
+    the means of its per-step metrics over all its steps, and the learning rate of its first
+    step. A state file written before they existed reads with their defaults, so a mid-epoch
+    checkpoint of it makes that epoch :attr:`partial_epoch`.
+    """
 
     epoch: int = 0  # epoch in progress (0-based)
     step_in_epoch: int = 0  # optimizer steps already taken in ``epoch``
     global_step: int = 0
     mlflow_run_id: str = ""
+    # per-step metric sums over the epoch's steps so far (float32 values, mean over ranks)
+    epoch_sums: dict[str, float] = field(default_factory=dict)
+    epoch_steps: int = 0  # steps behind epoch_sums: fewer than step_in_epoch when some were not summed
+    epoch_lr: float | None = None  # learning rate of the epoch's first step; None before it
+
+    @property
+    def partial_epoch(self) -> bool:
+        """Steps of this epoch were trained but not summed (resumed from an older checkpoint)."""
+        return self.epoch_steps < self.step_in_epoch
+
+    def lr_of_epoch(self, current: float) -> float:
+        """The learning rate to log for the epoch: that of its first step, recorded now (``current``)
+        if this epoch has none yet (its start, or a resume from an older checkpoint)."""
+        if self.epoch_lr is None:
+            self.epoch_lr = current
+        return self.epoch_lr
+
+    def next_epoch(self) -> None:
+        """The epoch is done: the next one starts with nothing summed."""
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.epoch_sums, self.epoch_steps, self.epoch_lr = {}, 0, None
+
+
+class EpochTally:
+    """The running sums of an epoch's per-step metrics, kept as device tensors (no host sync
+    per step) and seeded from the checkpointed state, so a resumed epoch sums on from where the
+    interrupted one was: float32 values restored exactly, the same additions in the same order."""
+
+    def __init__(self, state: TrainState, device: torch.device) -> None:
+        self.sums = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in state.epoch_sums.items()}
+        self.steps = state.epoch_steps
+
+    def add(self, parts: dict[str, torch.Tensor]) -> None:
+        for k, v in parts.items():
+            self.sums[k] = self.sums[k] + v.float() if k in self.sums else v.float()
+        self.steps += 1
+
+    def means(self, accelerator: Any, state: TrainState) -> dict[str, float]:
+        """``train_<metric>``: the epoch's means over the steps summed, averaged over ranks (a
+        collective); ``resumed: True`` when steps of the epoch are missing from the sums."""
+        means: dict[str, float] = {
+            f"train_{k}": float(accelerator.reduce((v / max(1, self.steps)).reshape(1), reduction="mean").item())
+            for k, v in self.sums.items()}
+        if self.steps < state.step_in_epoch:
+            means["resumed"] = True
+        return means
+
+    def store(self, accelerator: Any, state: TrainState) -> None:
+        """Copy the sums into ``state`` for a checkpoint (a collective: ranks differ, the state
+        file is one, so it keeps their mean; the epoch's mean over ranks is unchanged)."""
+        state.epoch_sums = {k: float(accelerator.reduce(v.reshape(1), reduction="mean").item())
+                            for k, v in self.sums.items()}  # the same order on every rank: the objective's
+        state.epoch_steps = self.steps
 
 
 # ----------------------------------------------------------------------------- model export
@@ -145,13 +206,29 @@ def load_frozen_model(
 # ----------------------------------------------------------------------------- training state
 
 
+CHECKPOINT_NAME = re.compile(r"step_([0-9]+)")  # ASCII digits: int() would also read "٣", "1_0" or " 5"
+_NAMED: set[Path] = set()  # stray folders already warned about by this process
+
+
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, newest first (temporary folders are never listed)."""
+    """Complete checkpoints, newest first (temporary folders are never listed).
+
+    Any other folder in ``checkpoints/`` (a backup copy ``step_5.bak``, a user's ``notes/``) is
+    not ours to read or prune: it is skipped with a warning naming it, once per process (the
+    folder is listed at every check and every checkpoint), and only on the launcher's rank 0."""
     root = output_dir / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")]
-    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")), reverse=True)
+    found: list[tuple[int, Path]] = []
+    for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        match = CHECKPOINT_NAME.fullmatch(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+        elif path not in _NAMED:
+            _NAMED.add(path)
+            if os.environ.get("RANK", "0") == "0":  # as ranks.launched() reads it (ranks imports this module)
+                warn(f"ignoring {path}: not a checkpoint folder (those are named step_<number>)")
+    return [path for _, path in sorted(found, reverse=True)]
 
 
 def save_training_state(accelerator: Any, output_dir: Path, state: TrainState, keep_last: int,
@@ -200,6 +277,7 @@ def _save_into(accelerator: Any, output_dir: Path, state: TrainState, keep_last:
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        apply_umask(tmp)  # safetensors wrote the weights 0600
         atomic_write_text(tmp / STATE_FILE, json.dumps(asdict(state), indent=1))
         fsync_dir(tmp)
         if final.exists():
@@ -229,16 +307,35 @@ def load_training_state(accelerator: Any, directory: Path) -> TrainState:
     return state
 
 
+_COUNTS = ("epoch", "step_in_epoch", "global_step", "epoch_steps")
+
+
 def parse_state(counters: Any) -> TrainState:
-    """``trainer_state.json`` as a TrainState; a field of the wrong type or sign is a ValueError."""
+    """``trainer_state.json`` as a TrainState; a field of the wrong type or sign is a ValueError,
+    an unknown field a TypeError. Fields it lacks take their defaults (older files)."""
     if not isinstance(counters, dict):
         raise ValueError(f"expected an object of counters, got {type(counters).__name__}")
     state = TrainState(**counters)
-    for name, value in asdict(state).items():
-        want = str if name == "mlflow_run_id" else int
-        if type(value) is not want or (want is int and value < 0):
-            raise ValueError(f"{name} is {value!r}, expected a {'string' if want is str else 'count'}")
+    for name in _COUNTS:
+        value = getattr(state, name)
+        if type(value) is not int or value < 0:
+            raise ValueError(f"{name} is {value!r}, expected a count")
+    if type(state.mlflow_run_id) is not str:
+        raise ValueError(f"mlflow_run_id is {state.mlflow_run_id!r}, expected a string")
+    if not isinstance(state.epoch_sums, dict) or not all(
+            isinstance(k, str) and _is_number(v) for k, v in state.epoch_sums.items()):
+        raise ValueError(f"epoch_sums is {state.epoch_sums!r}, expected an object of numbers")
+    if state.epoch_steps > state.step_in_epoch:
+        raise ValueError(f"epoch_steps is {state.epoch_steps}, more than the {state.step_in_epoch} steps taken")
+    if state.epoch_lr is not None and not (_is_number(state.epoch_lr) and state.epoch_lr >= 0):
+        raise ValueError(f"epoch_lr is {state.epoch_lr!r}, expected a learning rate")
+    state.epoch_sums = {k: float(v) for k, v in state.epoch_sums.items()}
+    state.epoch_lr = None if state.epoch_lr is None else float(state.epoch_lr)
     return state
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class CorruptCheckpoint(Exception):

@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_RUN_ERROR
     except Preempted as exc:  # a stage trained in this process (pipeline, quickstart) was stopped
         where = getattr(exc, "where", "the running stage's folder")
-        say(f"nt-dist: {'interrupted' if exc.interrupted else 'preempted'}: checkpoint saved in {where}; "
+        saved = f"checkpoint saved in {where}" if where else "no stage was running"
+        say(f"nt-dist: {'interrupted' if exc.interrupted else 'preempted'}: {saved}; "
             "run the same command again to resume")
         return EXIT_INTERRUPTED if exc.interrupted else EXIT_PREEMPTED
     except KeyboardInterrupt:
@@ -242,7 +243,11 @@ def pipeline_command(args: argparse.Namespace) -> int:
 def _report_stages(spec: Any, stages: list[Any], out: Path | None, log: bool, paper: str | None = None) -> None:
     from nt_dist import pipeline, report
 
-    results, missing = report.from_stages(stages)
+    stale = [s for s in stages if pipeline.is_stale(s)]
+    if stale:
+        say(f"nt-dist report: {len(stale)} stage(s) left out, stale (trained against a model that changed "
+            f"since), e.g. {stale[0].name}; nt-dist pipeline {spec.path} trains them again")
+    results, missing = report.from_stages([s for s in stages if s not in stale])
     if not results:
         raise UserError(f"{spec.path}: no stage has finished yet (nt-dist pipeline {spec.path} runs them)")
     if missing:

@@ -63,6 +63,10 @@ class RunConfig:
     # auto: continue from the newest complete checkpoint in output_dir if there is one;
     # never: always start fresh; anything else: a checkpoint directory to continue from.
     resume: str = "auto"
+    # a run folder whose frozen network (distill.teacher_checkpoint, nasty.adversary_checkpoint)
+    # changed since the run started: refuse (one line), or replace (move it aside, start over;
+    # what pipeline stages use, so a retrained teacher retrains its students)
+    stale: Literal["refuse", "replace"] = "refuse"
     checkpoint_every_steps: int = Field(default=0, ge=0)  # 0: only at the end of each epoch
     keep_last: int = Field(default=2, ge=1, le=1000)  # complete checkpoints kept on disk
     max_steps: int = Field(default=0, ge=0)  # 0: no limit; >0 stops early (smoke tests)

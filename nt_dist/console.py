@@ -9,6 +9,7 @@ from typing import Any
 
 from nt_dist import checkpoint, rundir
 from nt_dist.config import Recipe
+from nt_dist.errors import warn
 from nt_dist.tracking import experiment_of, tracking_uri
 
 
@@ -26,14 +27,21 @@ def progress_bar(recipe: Recipe, steps: int, start: int, epoch: int) -> Any:
 
 def print_epoch(recipe: Recipe, epoch: int, m: dict[str, float]) -> None:
     parts = " ".join(f"{k.removeprefix('train_')}={m[k]:.4f}" for k in m if k.startswith("train_"))
+    partial = " (train means of the steps after the resume)" if m.get("resumed") else ""
     print(f"[{recipe.run.name}] epoch {epoch + 1}/{recipe.run.epochs} {parts} "
           f"top1={m['test_top1']:.2f} top5={m['test_top5']:.2f} lr={m['lr']:.4g} "
-          f"{m['images_per_s']:.0f} img/s", flush=True)
+          f"{m['images_per_s']:.0f} img/s{partial}", flush=True)
 
 
-def print_resumed(recipe: Recipe, folder: Path, state: Any) -> None:
+def print_resumed(recipe: Recipe, folder: Path, state: checkpoint.TrainState) -> None:
+    """The resume line; and a warning when the checkpoint lacks the epoch's running sums (written
+    before they were kept), so the epoch's logged means cannot be the whole epoch's."""
     print(f"[{recipe.run.name}] resumed from {folder} (epoch {state.epoch + 1}, "
           f"step {state.step_in_epoch} of the epoch, global step {state.global_step})", flush=True)
+    if state.partial_epoch:
+        warn(f"{folder} does not carry epoch {state.epoch + 1}'s running metrics (written by an older nt-dist): "
+             "that epoch's train_* and lr in metrics.jsonl cover only the steps after the resume and are marked "
+             '"resumed": true')
 
 
 def print_done(recipe: Recipe, final: dict[str, float], run_id: str, experiment_id: str) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,7 +35,7 @@ from torch import Tensor, nn
 from nt_dist import checkpoint
 from nt_dist.defences import release
 from nt_dist.errors import warn
-from nt_dist.fileio import atomic_save_tensors
+from nt_dist.fileio import atomic_save_tensors, file_sha256
 from nt_dist.models import build_model
 
 if TYPE_CHECKING:
@@ -219,12 +218,9 @@ def load_frozen_network(recipe: Recipe, role: FrozenRole, num_classes: int, acce
 
 def cache_key(recipe: Recipe, role: FrozenRole, precision: str, dtype: torch.dtype | None) -> str:
     """Everything a frozen network's logits of (sample, view) depend on, as one JSON string."""
-    digest = hashlib.sha256()
-    with checkpoint.resolve_model_file(role.checkpoint(recipe), role.checkpoint_key).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    frozen_sha256 = file_sha256(checkpoint.resolve_model_file(role.checkpoint(recipe), role.checkpoint_key))
     data = recipe.data
-    return json.dumps({"frozen_sha256": digest.hexdigest(), "precision": precision, "dtype": str(dtype),
+    return json.dumps({"frozen_sha256": frozen_sha256, "precision": precision, "dtype": str(dtype),
                        "run_precision": recipe.run.precision,
                        "seed": recipe.run.seed, "data": data.name, "root": str(Path(data.root).resolve()) if data.root else "",
                        "image_size": data.image_size, "augment": data.augment, "views": data.augment_views,

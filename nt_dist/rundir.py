@@ -6,9 +6,16 @@ recipe that differs in a key that shapes the result is refused in one line namin
 so runs are never silently mixed. ``run.resume: never`` moves the old folder aside (renamed
 ``<folder>.old-<time>``, never deleted) and starts over.
 
+A run is also a function of the frozen network it learns against (a student's teacher, a
+nasty teacher's adversary), which a recipe names only by path: ``inputs.json`` records that
+file's sha256 when the run starts (:mod:`nt_dist.run_inputs`). If the file has changed since,
+the folder is *stale*: ``run.stale: refuse`` (the default) ends in one line naming the file
+and both digests; ``run.stale: replace`` (what pipeline stages use) moves it aside and trains
+again, so a retrained teacher never leaves students of the old one standing.
+
 Keys a resumed run may change (they do not alter what was already trained, and the resumed
 run uses their new values): ``run.name``, ``run.output_dir`` (a moved folder), ``run.resume``,
-``run.progress``, ``run.max_steps``, ``run.checkpoint_every_steps``, ``run.keep_last``,
+``run.stale``, ``run.progress``, ``run.max_steps``, ``run.checkpoint_every_steps``, ``run.keep_last``,
 ``data.num_workers``, ``data.eval_batch_size``, every ``tracking.*`` key, and ``run.epochs``
 to extend (or shorten, down to the epochs already trained) a run whose ``optim.schedule`` is
 ``constant`` or ``multistep`` — a cosine schedule spans ``run.epochs``, so changing it would
@@ -31,6 +38,7 @@ from typing import Any
 
 import yaml
 
+from nt_dist import run_inputs
 from nt_dist.checkpoint import (
     MODEL_FILE,
     STATE_FILE,
@@ -47,7 +55,8 @@ RECIPE_FILE = "resolved_recipe.yaml"
 RESULTS_FILE = "metrics.json"
 LOG_FILE = "metrics.jsonl"
 LOCK_FILE = ".nt-dist.lock"
-MUTABLE = frozenset({"run.name", "run.description", "run.output_dir", "run.resume", "run.progress", "run.max_steps",
+MUTABLE = frozenset({"run.name", "run.description", "run.output_dir", "run.resume", "run.stale", "run.progress",
+                     "run.max_steps",
                      "run.checkpoint_every_steps", "run.keep_last", "data.num_workers", "data.eval_batch_size",
                      "data.cache_dir"})
 EXTENSIBLE_SCHEDULES = ("constant", "multistep")
@@ -56,12 +65,14 @@ EXTENSIBLE_SCHEDULES = ("constant", "multistep")
 @dataclass(frozen=True)
 class FolderState:
     """What ``run.output_dir`` holds for this recipe: ``fresh`` (nothing to continue),
-    ``replace`` (files to move aside first: ``resume: never``, or a run of another recipe that
-    died before its first checkpoint), ``resume`` (checkpoints of the same run) or ``finished``
+    ``replace`` (files to move aside first: ``resume: never``, a run of another recipe that
+    died before its first checkpoint, or a stale run under ``run.stale: replace``: one whose
+    frozen network changed since it started, see :mod:`nt_dist.run_inputs`), ``resume`` (checkpoints of the same run) or ``finished``
     (``results`` is its metrics.json)."""
 
     kind: str
     results: dict[str, Any] | None = None
+    stale: str = ""  # ``replace`` because a frozen network changed: which, and how
 
 
 def folder_state(recipe: Recipe, source: str) -> FolderState:
@@ -84,6 +95,12 @@ def folder_state(recipe: Recipe, source: str) -> FolderState:
         if not has_work:  # a run that died before its first checkpoint: nothing worth keeping in place
             return FolderState("replace")
         raise UserError(f"run.output_dir: {folder} holds a run of another recipe ({_describe(differ)}); {_WAYS_OUT}")
+    stale = run_inputs.changes(run_inputs.recorded(folder), run_inputs.current(recipe)) if has_work else []
+    if stale:
+        if recipe.run.stale == "replace":
+            return FolderState("replace", stale="; ".join(stale))
+        raise UserError(f"run.output_dir: {folder} is stale: {'; '.join(stale)}, so resuming or keeping it would "
+                        f"mix two models; run.stale=replace (or run.resume=never) moves it aside and starts over")
     results = _read_results(folder)
     trained = _epochs_trained(checkpoints, results, old)
     if trained is not None and recipe.run.epochs < trained:
@@ -220,12 +237,14 @@ def claim(recipe: Recipe, source: str) -> tuple[RunLock, FolderState]:
             raise UserError(f"run.output_dir: {folder} was finished by another process meanwhile")
         if state.kind == "replace":
             moved = move_aside(folder)
-            warn(f"the previous run in {folder} was moved to {moved}")
+            warn(f"the previous run in {folder} was moved to {moved}" + (f" (stale: {state.stale})" if state.stale else ""))
             lock.release()
             lock = RunLock(folder)
             lock.acquire()
         remove_stale_temporaries(folder)
         atomic_write_text(folder / RECIPE_FILE, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        if state.kind != "resume" or run_inputs.recorded(folder) is None:  # what this run learns against
+            run_inputs.record(folder, run_inputs.current(recipe))
     except BaseException:
         lock.release()
         raise
@@ -249,9 +268,11 @@ def move_aside(folder: Path) -> Path:
     return target
 
 
-def trim_log(folder: Path, global_step: int) -> None:
+def trim_log(folder: Path, global_step: int, mid_epoch: bool = False) -> None:
     """Drop the ``metrics.jsonl`` records of steps after ``global_step``: a run resumed from a
-    checkpoint logs those epochs again, and the log keeps one line per epoch."""
+    checkpoint logs those epochs again, and the log keeps one line per epoch. ``mid_epoch``:
+    the checkpoint is inside an epoch (a ``run.max_steps`` stop logged that partial epoch at
+    ``global_step``), so its record goes too; the resumed run logs the whole epoch."""
     path = folder / LOG_FILE
     if not path.is_file():
         return
@@ -261,7 +282,7 @@ def trim_log(folder: Path, global_step: int) -> None:
             step = json.loads(line).get("step", 0)
         except (ValueError, AttributeError):
             step = 0
-        if isinstance(step, int) and step > global_step:
+        if isinstance(step, int) and (step > global_step or (mid_epoch and step == global_step)):
             dropped += 1
         else:
             kept.append(line)

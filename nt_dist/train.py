@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from nt_dist import checkpoint, console, engine, preflight, rundir
-from nt_dist.checkpoint import TrainState
+from nt_dist.checkpoint import EpochTally, TrainState
 from nt_dist.config import Recipe
 from nt_dist.data import DataBundle, build_data, data_inputs
 from nt_dist.errors import Preempted, RunError, UserError
@@ -60,6 +60,7 @@ class Run:
     lock: rundir.RunLock | None = None  # the run folder's lock (main process)
     tmp_tag: str = ""  # the main process's pid, on every rank: unique temporary file names
     preempt: Preemption | None = None
+    tally: EpochTally | None = None  # the epoch in progress's metric sums (checkpointed with the state)
 
     def prepare(self, images: Tensor) -> Tensor:
         return engine.prepare_inputs(images, self.input_dtype, self.recipe.model.channels_last)
@@ -127,7 +128,7 @@ def _build(accelerator: Any, recipe: Recipe, source: str, lock: rundir.RunLock |
         raise UserError(f"{source}: run.epochs: {recipe.run.epochs}, but the checkpoint {resumed[1]} has "
                         f"already trained {state.epoch} epochs")
     if main:
-        rundir.trim_log(output_dir, state.global_step)
+        rundir.trim_log(output_dir, state.global_step, mid_epoch=state.step_in_epoch > 0)
         if resumed:
             console.print_resumed(recipe, resumed[1], state)
     tracker = Tracker(recipe.tracking, output_dir, active=main)
@@ -139,6 +140,8 @@ def _build(accelerator: Any, recipe: Recipe, source: str, lock: rundir.RunLock |
 def save_checkpoint(run: Run, with_cache: bool = True) -> None:
     """The training state, and the logit cache (epoch ends and preemption; mid-epoch
     checkpoints skip it to bound the writes)."""
+    if run.tally is not None:  # mid-epoch: the epoch's sums so far, so a resume logs the whole epoch
+        run.tally.store(run.accelerator, run.state)
     try:
         checkpoint.save_training_state(run.accelerator, run.output_dir, run.state, run.recipe.run.keep_last,
                                        run.tmp_tag)
@@ -159,9 +162,9 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
     acc, recipe, state, frozen = run.accelerator, run.recipe, run.state, run.frozen_network
     run.model.train()
     steps = run.data.train.steps_per_epoch
-    sums: dict[str, Tensor] = {}
+    tally = run.tally = run.tally or EpochTally(state, acc.device)  # carried on from a mid-epoch checkpoint
     window: list[tuple[int, dict[str, Tensor]]] = []
-    seen, taken, started = 0, 0, time.perf_counter()
+    seen, started = 0, time.perf_counter()
     bar = console.progress_bar(recipe, steps, state.step_in_epoch, epoch) if acc.is_main_process else None
     # sample indices of each batch, read only by the frozen-logit cache (the recipe check refuses it elsewhere)
     caching = frozen is not None and frozen.cache is not None
@@ -181,10 +184,8 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
         state.step_in_epoch += 1
         state.global_step += 1
         seen += labels.shape[0]
-        taken += 1
         parts = {k: v.detach() for k, v in out.items() if k != "logits"}
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0) + v.float()
+        tally.add(parts)
         window.append((state.global_step, parts))
         last = state.step_in_epoch == steps
         limit = bool(recipe.run.max_steps) and state.global_step >= recipe.run.max_steps
@@ -207,8 +208,7 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - started
-    means = {f"train_{k}": float(acc.reduce((v / max(1, taken)).reshape(1), reduction="mean").item())
-             for k, v in sums.items()}
+    means = tally.means(acc, state)  # the whole epoch's, a resume included; throughput below is this call's
     means["images_per_s"] = seen * acc.num_processes / max(elapsed, 1e-9)
     means["epoch_time_s"] = elapsed
     if caching:
@@ -271,7 +271,7 @@ def _loop(run: Run) -> dict[str, float]:
     run.tracker.log_artifact(run.output_dir / rundir.RECIPE_FILE)
     while state.epoch < recipe.run.epochs:
         epoch = state.epoch
-        lr = run.optimizer.param_groups[0]["lr"]
+        lr = state.lr_of_epoch(run.optimizer.param_groups[0]["lr"])  # its first step's, a resume included
         engine.reset_peak_memory(acc.device)
         train_metrics = train_epoch(run, epoch)
         stopped_early = bool(recipe.run.max_steps) and state.global_step >= recipe.run.max_steps
@@ -281,7 +281,8 @@ def _loop(run: Run) -> dict[str, float]:
         if acc.is_main_process:
             console.print_epoch(recipe, epoch, metrics)
         if state.step_in_epoch >= steps:
-            state.epoch, state.step_in_epoch = epoch + 1, 0
+            state.next_epoch()
+            run.tally = None
         state.mlflow_run_id = run.tracker.run_id or state.mlflow_run_id
         save_checkpoint(run)
         if stopped_early:

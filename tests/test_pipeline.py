@@ -126,16 +126,18 @@ def test_a_recipe_is_not_a_pipeline(tmp_path: Path):
 def test_run_skips_finished_stages_and_a_failure_stops_only_its_dependants(tmp_path: Path, capsys):
     path = write_pipeline(tmp_path)
     spec = pipeline.load_pipeline(path)
-    # the nasty teacher cannot start (ω out of range), so its student must not run; the rest must
+    # the nasty teacher cannot start (its adversary's file is missing: only training finds that
+    # out, the recipe is valid), so its student must not run; the rest must
     broken = pipeline.expand(spec, extra=[])
-    broken = [pipeline.Stage(**{**s.__dict__, "overrides": (*s.overrides, "nasty.omega=-1")})
+    missing = f"nasty.adversary_checkpoint={tmp_path / 'gone'}"
+    broken = [pipeline.Stage(**{**s.__dict__, "overrides": (*s.overrides, missing)})
               if s.kind == "nasty" else s for s in broken]
     outcomes = {o.stage.name: o for o in pipeline.run(spec, broken)}
     status = {n: o.status for n, o in outcomes.items()}
     assert status == {"seed0/teacher/cnn-normal": "ran", "seed0/nasty/cnn-nasty": "failed",
                       "seed0/baseline/mlp": "ran", "seed0/student/mlp/cnn-normal": "ran",
                       "seed0/student/mlp/cnn-nasty": "blocked"}
-    assert "nasty.omega" in outcomes["seed0/nasty/cnn-nasty"].message
+    assert "nasty.adversary_checkpoint" in outcomes["seed0/nasty/cnn-nasty"].message
     text = pipeline.summary(list(outcomes.values()))
     assert text.splitlines()[0] == "5 stages: 3 ran, 0 skipped (already finished), 1 failed, 1 not run (an input failed)"
     assert "not run  seed0/student/mlp/cnn-nasty: needs seed0/nasty/cnn-nasty" in text
@@ -335,3 +337,92 @@ def test_given_models_and_defence_rows_train_no_teacher(tmp_path: Path):
 def test_bad_given_models_and_defence_rows_are_one_line(tmp_path: Path, changes: dict, message: str):
     with pytest.raises(UserError, match=re.escape(message)):
         pipeline.load_pipeline(write_pipeline(tmp_path, **changes))
+
+
+# ----------------------------------------------------------------------------- nothing mixed, nothing orphaned
+
+
+def test_a_retrained_teacher_makes_its_dependants_stale_and_they_train_again(tmp_path: Path):
+    """The probe: change the teacher's recipe (refused), move its folder away, rerun. The new
+    teacher has new weights, so the nasty teacher and the students that learned from the old one
+    are trained again (old runs moved aside), and only the baseline is kept."""
+    path = write_pipeline(tmp_path, set={**TINY, "tracking.enabled": False})
+    command = [NT_DIST, "pipeline", str(path), "--no-report"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert first.returncode == 0 and "5 stages: 5 ran" in first.stdout, first.stderr[-2000:]
+
+    tree = yaml.safe_load(path.read_text())
+    tree["teachers"]["CNN normal"]["set"] = {"optim.lr": 0.1}
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert refused.returncode == 1 and "holds a run of another recipe (optim.lr: 0.05 -> 0.1)" in refused.stdout
+
+    runs = tmp_path / "runs/seed0"
+    (runs / "teacher/cnn-normal").rename(tmp_path / "old-teacher")
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "5 stages: 4 ran, 1 skipped" in again.stdout
+    stale = sorted(line.split()[3].rstrip(":") for line in again.stderr.splitlines() + again.stdout.splitlines()
+                   if line.startswith("nt-dist pipeline: stale "))
+    assert stale == ["seed0/nasty/cnn-nasty", "seed0/student/mlp/cnn-nasty", "seed0/student/mlp/cnn-normal"]
+    for folder in ("nasty/cnn-nasty", "student/mlp/cnn-normal", "student/mlp/cnn-nasty"):
+        assert len(list((runs / folder).parent.glob(f"{Path(folder).name}.old-*"))) == 1, folder
+    assert not list((runs / "baseline").glob("mlp.old-*"))
+    # each dependant now records the model its input stage holds now
+    from nt_dist.fileio import file_sha256
+
+    inputs = json.loads((runs / "nasty/cnn-nasty/inputs.json").read_text())
+    assert inputs["nasty.adversary_checkpoint"]["sha256"] == file_sha256(runs / "teacher/cnn-normal/model.safetensors")
+    final = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert "5 stages: 0 ran, 5 skipped" in final.stdout
+
+
+@pytest.mark.parametrize("args, changes, expected", [
+    (["--set", "optim.lrr=0.1"], {}, "optim.lrr: unknown key"),
+    ([], {"sweep": {"nasty.omega": [0.01, -1]}}, "stage seed0/nasty/cnn-nasty/nasty.omega-1: "),
+])
+def test_every_stage_is_validated_before_anything_trains(tmp_path: Path, args, changes, expected):
+    path = write_pipeline(tmp_path, **changes)
+    proc = subprocess.run([NT_DIST, "pipeline", str(path), *args], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nt-dist: error: ") and expected in lines[0], lines
+    assert not (tmp_path / "runs/seed0").exists()  # nothing trained, not even the stages that were valid
+
+
+def test_sigterm_to_a_parallel_pipeline_reaches_every_stage_and_leaves_no_orphan(tmp_path: Path):
+    """The probe: kill -TERM the pipeline's own pid during --parallel 2. Both stages checkpoint
+    and exit 75, the pipeline prints one line and exits 75, no stage process outlives it, and the
+    same command again resumes both (their logs kept, appended to)."""
+    import fcntl
+
+    long = {"recipe": str(RECIPES / "digits_teacher.yaml"), "set": {"run.epochs": 40}}
+    path = write_pipeline(tmp_path, set={**TINY, "run.checkpoint_every_steps": 2, "tracking.enabled": False},
+                          teachers={"A": long, "B": long}, nasty={}, students={})
+    command = [NT_DIST, "pipeline", str(path), "--no-report", "--parallel", "2"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    folders = [tmp_path / "runs/seed0/teacher" / name for name in ("a", "b")]
+    deadline = time.time() + 600
+    while (not all(list((f / "checkpoints").glob("step_*")) for f in folders) and proc.poll() is None
+           and time.time() < deadline):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-2000:]
+    assert [line for line in err.splitlines() if line.startswith("nt-dist: preempted")] == [
+        f"nt-dist: preempted: checkpoint saved in {folders[0]}, {folders[1]}; run the same command again to resume"]
+    assert "Traceback" not in err
+    for folder in folders:  # the lock is free: the stage's process has ended
+        with open(folder / ".nt-dist.lock") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert not (folder / "metrics.json").exists()
+    logs = [tmp_path / f"runs/logs/seed0__teacher__{name}.log" for name in ("a", "b")]
+    assert all("nt-dist: preempted: checkpoint saved in" in log.read_text() for log in logs)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "2 stages: 2 ran, 0 skipped" in again.stdout
+    for log in logs:  # the first attempt's lines are still there, then the resumed run's
+        text = log.read_text()
+        assert text.count("=== nt-dist pipeline:") == 2 and text.index("preempted") < text.index("resumed from")

@@ -191,3 +191,53 @@ def test_a_folder_with_checkpoints_but_no_recipe_is_refused(tmp_path: Path):
     (out / "metrics.json").unlink()
     with pytest.raises(UserError, match="no readable resolved_recipe.yaml, so its recipe is unknown"):
         train(recipe(out))
+
+
+# ----------------------------------------------------------------------------- a frozen network that changed
+
+STUDENT = REPO / "recipes" / "digits_student.yaml"
+
+
+def nt_student(out: Path, teacher: Path, *extra: str) -> subprocess.CompletedProcess:
+    sets = tiny_overrides(out, "student", **{"tracking.enabled": "false", "distill.teacher_checkpoint": str(teacher)})
+    return subprocess.run([NT_DIST, "train", str(STUDENT), *sum((["--set", o] for o in [*sets, *extra]), [])],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_student_whose_teacher_changed_is_refused_then_replaced_on_request(finished: Path, tmp_path: Path):
+    """inputs.json records the teacher's sha256; a teacher retrained in place makes the student
+    stale: the same command is one line naming the file and both digests, never "finished"."""
+    from nt_dist.fileio import file_sha256
+    from nt_dist.run_inputs import INPUTS_FILE
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "model.safetensors").write_bytes((finished / "model.safetensors").read_bytes())
+    student = tmp_path / "student"
+    assert nt_student(student, teacher).returncode == 0
+    old_sha = file_sha256(teacher / "model.safetensors")
+    recorded = json.loads((student / INPUTS_FILE).read_text())
+    assert recorded == {"distill.teacher_checkpoint": {"path": str((teacher / "model.safetensors").resolve()),
+                                                       "sha256": old_sha}}
+    assert "already finished" in nt_student(student, teacher).stdout  # the same teacher: nothing to do
+
+    retrained = nt_train(tmp_path / "other", "run.seed=1")  # another teacher, copied over the first
+    assert retrained.returncode == 0, retrained.stderr
+    (teacher / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    new_sha = file_sha256(teacher / "model.safetensors")
+    assert new_sha != old_sha
+    before = snapshot(student)
+    proc = nt_student(student, teacher)
+    assert proc.returncode == 2
+    assert error_lines(proc) == [
+        f"nt-dist: error: run.output_dir: {student} is stale: distill.teacher_checkpoint "
+        f"{(teacher / 'model.safetensors').resolve()} changed since it was trained (sha256 {old_sha[:12]} then, "
+        f"{new_sha[:12]} now), so resuming or keeping it would mix two models; run.stale=replace (or "
+        "run.resume=never) moves it aside and starts over"]
+    assert snapshot(student) == before  # refused before anything was written
+
+    proc = nt_student(student, teacher, "run.stale=replace")
+    assert proc.returncode == 0, proc.stderr
+    assert "moved to" in proc.stderr and "(stale: distill.teacher_checkpoint" in proc.stderr
+    assert json.loads((student / INPUTS_FILE).read_text())["distill.teacher_checkpoint"]["sha256"] == new_sha
+    assert len(list(tmp_path.glob("student.old-*"))) == 1

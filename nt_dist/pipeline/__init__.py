@@ -39,7 +39,17 @@ The package's rooms, each importing only those before it:
 """
 
 from nt_dist.pipeline.graph import Stage, expand, output_root, sweep_points, sweep_targets
-from nt_dist.pipeline.runners import Outcome, describe_plan, exit_code, run, stage_command, stage_state, summary
+from nt_dist.pipeline.runners import (
+    Outcome,
+    describe_plan,
+    exit_code,
+    is_stale,
+    run,
+    stage_command,
+    stage_state,
+    summary,
+    validate_stages,
+)
 from nt_dist.pipeline.schema import (
     BASELINE_ROW,
     KINDS,
@@ -74,6 +84,7 @@ __all__ = [
     "describe_plan",
     "exit_code",
     "expand",
+    "is_stale",
     "load_pipeline",
     "output_root",
     "run",
@@ -83,4 +94,5 @@ __all__ = [
     "summary",
     "sweep_points",
     "sweep_targets",
+    "validate_stages",
 ]

@@ -171,7 +171,9 @@ class _Graph:
             return self.stages[name]
         folder = self.out / name
         tags = _tags(spec, kind, row, column, seed, sweep, reference_row)
+        # run.stale: a stage whose input model was retrained is trained again, never kept
         managed = {"run.seed": seed, "run.output_dir": str(folder), "run.name": f"{spec.pipeline}/{name}",
+                   "run.stale": "replace",
                    "tracking.experiment": self.p.experiment, "tracking.tags": tags, **managed}
         overrides = (*_overrides(spec.set), *_overrides(entry_set), *self.extra, *_overrides(dict(sweep)),
                      *_overrides(managed))

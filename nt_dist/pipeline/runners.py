@@ -8,11 +8,14 @@ subprocesses, or each through ``accelerate launch --config_file LAUNCHER``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nt_dist.errors import EXIT_RUN_ERROR, UserError, one_line, say
+from nt_dist.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_RUN_ERROR, UserError, one_line, say
 from nt_dist.pipeline.graph import Stage, output_root
 from nt_dist.pipeline.schema import Pipeline
 
@@ -36,16 +39,53 @@ class Outcome:
 
 def stage_state(stage: Stage) -> tuple[str, dict[str, Any]]:
     """``finished`` (with its final metrics) when the stage's folder holds the exported run of
-    the same recipe; ``todo`` otherwise. A folder holding another recipe is a UserError."""
+    the same recipe, trained against the model its input stage holds now; ``stale`` (with
+    ``why``) when the folder's run learned against a model that has changed since
+    (:mod:`nt_dist.run_inputs`); ``todo`` otherwise. A folder holding another recipe is a UserError."""
     from nt_dist.checkpoint import MODEL_FILE
     from nt_dist.config import load_recipe
     from nt_dist.rundir import folder_state
 
     recipe = load_recipe(stage.recipe, list(stage.overrides))
     state = folder_state(recipe, str(stage.recipe))
+    if state.stale:
+        return "stale", {"why": state.stale}
     if state.kind == "finished" and state.results and (stage.output_dir / MODEL_FILE).is_file():
         return "finished", dict(state.results.get("final", {}))
     return "todo", {}
+
+
+def is_stale(stage: Stage) -> bool:
+    """Whether the stage's folder holds a run trained against a model that has changed since
+    (a folder of another recipe, or unreadable, is not called stale here: training says why)."""
+    try:
+        return stage_state(stage)[0] == "stale"
+    except UserError:
+        return False
+
+
+def validate_stages(stages: list[Stage]) -> None:
+    """Every stage's resolved recipe, checked before anything trains (the checks ``nt-dist
+    check`` runs, less the frozen models that earlier stages will write): the first problem is
+    one line naming the stage."""
+    from nt_dist.config import load_recipe
+    from nt_dist.preflight import check_networks, check_output_dir, check_tracking_uri
+
+    checked: set[tuple[Any, ...]] = set()
+    for stage in stages:
+        try:
+            recipe = load_recipe(stage.recipe, list(stage.overrides))
+            networks = (recipe.model.name, recipe.distill.teacher, recipe.nasty.adversary, recipe.run.role,
+                        recipe.distill.method, recipe.model.num_classes, recipe.data.image_size)
+            if networks not in checked:  # a meta-device forward per distinct set of networks
+                check_networks(recipe, str(stage.recipe))
+                checked.add(networks)
+            check_output_dir(Path(recipe.run.output_dir))
+            if recipe.tracking.enabled and ("tracking", recipe.tracking.uri) not in checked:
+                check_tracking_uri(recipe)
+                checked.add(("tracking", recipe.tracking.uri))
+        except UserError as exc:
+            raise UserError(f"stage {stage.name}: {exc}") from None
 
 
 def stage_command(stage: Stage, launcher: str) -> list[str]:
@@ -77,15 +117,79 @@ def stage_env(parallel: int, environ: dict[str, str] | None = None, cpus: int | 
     return env
 
 
-def _train_subprocess(stage: Stage, launcher: str, log: Path, parallel: int = 1) -> dict[str, Any]:
-    from nt_dist.errors import RunError
+class Stopping:
+    """A stop signal to the pipeline (SIGTERM, SIGUSR1, SIGINT) reaches every stage's process.
 
+    Stage processes run in sessions of their own, so a Ctrl-C on the terminal reaches them once,
+    through here, not twice (a second SIGINT stops a run without its checkpoint). On a signal
+    no new stage starts; each running one is sent the same signal, checkpoints at its next step
+    and exits (75, or 130 for SIGINT); :func:`run` then raises
+    :class:`~nt_dist.errors.Preempted` naming their folders.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.children: dict[int, subprocess.Popen[bytes]] = {}
+        self._lock = threading.Lock()
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = self.signum or signum
+        with self._lock:
+            children = list(self.children.values())
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+
+    def start(self, command: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        with self._lock:
+            child = subprocess.Popen(command, start_new_session=True, **kwargs)
+            self.children[child.pid] = child
+        if self.signum:  # the signal came while it was starting
+            child.send_signal(self.signum)
+        return child
+
+    def done(self, child: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            self.children.pop(child.pid, None)
+
+
+def _train_subprocess(stage: Stage, launcher: str, log: Path, parallel: int = 1,
+                      stopping: Stopping | None = None) -> dict[str, Any]:
+    """Train ``stage`` in its own process, its output appended to ``log`` (a rerun never
+    truncates the log of a stage some other process may still be writing)."""
+    from nt_dist.errors import Preempted, RunError
+
+    stopping = stopping or Stopping()
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w", encoding="utf-8") as sink:
-        code = subprocess.call(stage_command(stage, launcher), stdout=sink, stderr=subprocess.STDOUT,
+    with open(log, "a", encoding="utf-8") as sink:
+        sink.write(f"=== nt-dist pipeline: {time.strftime('%Y-%m-%d %H:%M:%S')} start {stage.name}\n")
+        sink.flush()
+        start = sink.tell()
+        child = stopping.start(stage_command(stage, launcher), stdout=sink, stderr=subprocess.STDOUT,
                                env=stage_env(parallel))
+        try:
+            code = child.wait()
+        finally:
+            stopping.done(child)
+    if code in (EXIT_PREEMPTED, EXIT_INTERRUPTED) and stopping.signum:
+        raise Preempted(interrupted=code == EXIT_INTERRUPTED)
     if code != 0:
-        lines = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        with open(log, encoding="utf-8", errors="replace") as handle:
+            handle.seek(start)
+            lines = [line for line in handle.read().splitlines() if line.strip()]
         errors = [line for line in lines if "error:" in line] or lines[-1:]
         raise RunError(f"exit {code}: {errors[-1] if errors else '(no output)'} (log: {log})")
     state, results = stage_state(stage)
@@ -98,16 +202,23 @@ def run(p: Pipeline, stages: list[Stage], *, launcher: str | None = None, parall
         echo: Callable[[str], None] = say) -> list[Outcome]:
     """Run the graph on this machine. ``parallel`` > 1 (or a launcher config) trains each stage
     in its own process, its output in ``<output_dir>/logs/<stage>.log``; otherwise stages run
-    in this process, in order, their output on the terminal."""
+    in this process, in order, their output on the terminal.
+
+    Every stage's recipe is validated first (:func:`validate_stages`). A stage whose folder
+    holds a run trained against a model its input stage has since replaced is *stale*: it is
+    trained again and the old run moved aside (:mod:`nt_dist.run_inputs`). A stop signal
+    reaches every running stage (:class:`Stopping`) and ends in :class:`~nt_dist.errors.Preempted`."""
     from nt_dist.errors import Preempted, RunError
 
     launcher = launcher or p.spec.launcher
     if launcher != "local" and not Path(launcher).is_file():
         raise UserError(f"{p.path}: launcher: {launcher} not found (local, or an accelerate config such as "
                         "cluster/single_gpu.yaml)")
+    validate_stages(stages)
     outcomes = {s.name: Outcome(s) for s in stages}
     logs = output_root(stages) / "logs"
     separate = parallel > 1 or launcher != "local"
+    stopping = Stopping()
 
     def one(stage: Stage) -> None:
         outcome = outcomes[stage.name]
@@ -117,17 +228,22 @@ def run(p: Pipeline, stages: list[Stage], *, launcher: str | None = None, parall
             if state == "finished":
                 outcome.status, outcome.results = "skipped", results
                 return
+            if state == "stale":
+                echo(f"nt-dist pipeline: stale {stage.name}: {results['why']}; training it again "
+                     "(the old run is moved aside)")
             echo(f"nt-dist pipeline: start {stage.name}")
             if separate:
-                results = _train_subprocess(stage, launcher, logs / f"{stage.log_name}.log", parallel)
+                results = _train_subprocess(stage, launcher, logs / f"{stage.log_name}.log", parallel, stopping)
             else:
                 results = _train_here(stage)
             outcome.status, outcome.results = "ran", results
         except (UserError, RunError) as exc:
             outcome.status, outcome.message = "failed", str(exc)
-        except Preempted as exc:  # Ctrl-C or the scheduler: the stage checkpointed; stop the pipeline
-            exc.where = str(stage.output_dir)  # type: ignore[attr-defined]
-            raise
+        except Preempted as exc:  # Ctrl-C or the scheduler: the stage checkpointed
+            outcome.status, outcome.message = "stopped", str(stage.output_dir)
+            if not separate:
+                exc.where = str(stage.output_dir)  # type: ignore[attr-defined]
+                raise
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # a bug in one stage must not end its siblings
@@ -136,7 +252,7 @@ def run(p: Pipeline, stages: list[Stage], *, launcher: str | None = None, parall
             outcome.seconds = time.perf_counter() - started
         if outcome.status == "failed":
             echo(f"nt-dist pipeline: FAILED {stage.name}: {outcome.message}")
-        else:
+        elif outcome.status == "ran":
             echo(f"nt-dist pipeline: done {stage.name}: top-1 {outcome.results.get('test_top1', float('nan')):.2f} "
                  f"({outcome.seconds:.0f} s)")
 
@@ -148,28 +264,39 @@ def run(p: Pipeline, stages: list[Stage], *, launcher: str | None = None, parall
         return "go" if all(s in ("ran", "skipped") for s in inputs) else "wait"
 
     pending = list(stages)
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        running: dict[Future[None], Stage] = {}
-        while pending or running:
-            for stage in list(pending):
-                verdict = ready(stage)
-                if verdict == "blocked":
-                    failed = next(n for n in stage.needs if outcomes[n].status in ("failed", "blocked"))
-                    outcomes[stage.name].status, outcomes[stage.name].message = "blocked", f"needs {failed}"
-                    pending.remove(stage)
-                elif verdict == "go" and len(running) < max(1, parallel):
-                    pending.remove(stage)
-                    if parallel <= 1:
-                        one(stage)
-                    else:
-                        running[pool.submit(one, stage)] = stage
-            if running:
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    running.pop(future)
-                    future.result()
-            elif pending and all(ready(s) == "wait" for s in pending):
-                raise RuntimeError("pipeline graph has a cycle or a missing stage")  # expand() makes neither
+    stopping.install()
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+            running: dict[Future[None], Stage] = {}
+            while (pending and not stopping.signum) or running:
+                for stage in list(pending):
+                    if stopping.signum:
+                        break
+                    verdict = ready(stage)
+                    if verdict == "blocked":
+                        failed = next(n for n in stage.needs if outcomes[n].status in ("failed", "blocked"))
+                        outcomes[stage.name].status, outcomes[stage.name].message = "blocked", f"needs {failed}"
+                        pending.remove(stage)
+                    elif verdict == "go" and len(running) < max(1, parallel):
+                        pending.remove(stage)
+                        if parallel <= 1:
+                            one(stage)
+                        else:
+                            running[pool.submit(one, stage)] = stage
+                if running:
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        running.pop(future)
+                        future.result()
+                elif pending and not stopping.signum and all(ready(s) == "wait" for s in pending):
+                    raise RuntimeError("pipeline graph has a cycle or a missing stage")  # expand() makes neither
+    finally:
+        stopping.uninstall()
+    if stopping.signum:
+        stopped = [o.message for o in outcomes.values() if o.status == "stopped"]
+        exc = Preempted(interrupted=stopping.signum == signal.SIGINT)
+        exc.where = ", ".join(stopped)  # type: ignore[attr-defined]
+        raise exc
     return [outcomes[s.name] for s in stages]
 
 

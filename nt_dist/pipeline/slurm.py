@@ -14,7 +14,7 @@ from pathlib import Path
 
 from nt_dist.errors import UserError, one_line, say
 from nt_dist.pipeline.graph import Stage, output_root
-from nt_dist.pipeline.runners import stage_state
+from nt_dist.pipeline.runners import stage_state, validate_stages
 from nt_dist.pipeline.schema import Pipeline
 
 
@@ -40,10 +40,13 @@ def submit_slurm(p: Pipeline, stages: list[Stage], *, launcher: str | None = Non
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise UserError("sbatch: not found on PATH (--submit slurm runs on a SLURM login node)")
+    validate_stages(stages)
     root = output_root(stages)
     jobs: dict[str, str] = {}
     for stage in stages:
-        if stage_state(stage)[0] == "finished":
+        # a finished stage whose input is trained again is submitted too: its job (run.stale:
+        # replace) trains it again if the new model differs, and ends at once if it does not
+        if stage_state(stage)[0] == "finished" and not any(n in jobs for n in stage.needs):
             echo(f"nt-dist pipeline: skip {stage.name} (already finished)")
             continue
         after = [jobs[n] for n in stage.needs if n in jobs]
@@ -58,8 +61,9 @@ def submit_slurm(p: Pipeline, stages: list[Stage], *, launcher: str | None = Non
                               env={**os.environ, "NT_ACCELERATE_CONFIG": str(Path(launcher).resolve())})
         job = proc.stdout.strip().split(";")[0]
         if proc.returncode != 0 or not job:
+            _write_jobs(root, jobs)  # what was submitted before the refusal, even if nothing
             raise UserError(f"sbatch refused {stage.name}: {one_line(proc.stderr or proc.stdout)} "
-                            f"(submitted so far: {len(jobs)}; see {root / 'slurm_jobs.json'})")
+                            f"(submitted so far: {len(jobs)}, listed in {root / 'slurm_jobs.json'})")
         jobs[stage.name] = job
         echo(f"nt-dist pipeline: job {job} {stage.name}" + (f" after {','.join(after)}" if after else ""))
         _write_jobs(root, jobs)
