@@ -31,15 +31,16 @@ INPUTS_FILE = "inputs.json"
 def current(recipe: Recipe) -> dict[str, dict[str, str]]:
     """``{recipe key: {path, sha256}}`` of the frozen model files the recipe reads now. A file
     that does not exist yet is left out (the frozen-network loader reports it in one line)."""
-    from nt_dist.checkpoint import MODEL_FILE
+    from nt_dist.checkpoint import resolve_model_file
+    from nt_dist.errors import UserError
     from nt_dist.objectives import objective_for
 
     role = objective_for(recipe).frozen
     if role is None or not role.checkpoint(recipe):
         return {}
-    path = Path(role.checkpoint(recipe))
-    path = path / MODEL_FILE if path.is_dir() else path
-    if not path.is_file():
+    try:
+        path = resolve_model_file(role.checkpoint(recipe), role.checkpoint_key)
+    except UserError:
         return {}
     return {role.checkpoint_key: {"path": str(path.resolve()), "sha256": file_sha256(path)}}
 

@@ -56,8 +56,7 @@ RESULTS_FILE = "metrics.json"
 LOG_FILE = "metrics.jsonl"
 LOCK_FILE = ".nt-dist.lock"
 MUTABLE = frozenset({"run.name", "run.description", "run.output_dir", "run.resume", "run.stale", "run.progress",
-                     "run.max_steps",
-                     "run.checkpoint_every_steps", "run.keep_last", "data.num_workers", "data.eval_batch_size",
+                     "run.max_steps", "run.checkpoint_every_steps", "run.keep_last", "data.num_workers", "data.eval_batch_size",
                      "data.cache_dir"})
 EXTENSIBLE_SCHEDULES = ("constant", "multistep")
 
@@ -67,8 +66,8 @@ class FolderState:
     """What ``run.output_dir`` holds for this recipe: ``fresh`` (nothing to continue),
     ``replace`` (files to move aside first: ``resume: never``, a run of another recipe that
     died before its first checkpoint, or a stale run under ``run.stale: replace``: one whose
-    frozen network changed since it started, see :mod:`nt_dist.run_inputs`), ``resume`` (checkpoints of the same run) or ``finished``
-    (``results`` is its metrics.json)."""
+    frozen network changed since it started, see :mod:`nt_dist.run_inputs`), ``resume``
+    (checkpoints of the same run) or ``finished`` (``results`` is its metrics.json)."""
 
     kind: str
     results: dict[str, Any] | None = None
@@ -237,7 +236,8 @@ def claim(recipe: Recipe, source: str) -> tuple[RunLock, FolderState]:
             raise UserError(f"run.output_dir: {folder} was finished by another process meanwhile")
         if state.kind == "replace":
             moved = move_aside(folder)
-            warn(f"the previous run in {folder} was moved to {moved}" + (f" (stale: {state.stale})" if state.stale else ""))
+            why = f" (stale: {state.stale})" if state.stale else ""
+            warn(f"the previous run in {folder} was moved to {moved}{why}")
             lock.release()
             lock = RunLock(folder)
             lock.acquire()
