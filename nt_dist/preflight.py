@@ -60,13 +60,35 @@ def nearest_existing(path: Path) -> Path:
 
 
 def check_output_dir(folder: Path) -> None:
+    check_folder(folder, "run.output_dir")
+
+
+def check_folder(folder: Path, key: str) -> None:
     """The folder, or its nearest existing parent, must be a writable folder."""
     existing = nearest_existing(folder)
     if not existing.is_dir():
-        raise UserError(f"run.output_dir: {existing} is a file, not a folder")
+        raise UserError(f"{key}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         where = "" if existing == folder else f" (its parent {existing} is read-only)"
-        raise UserError(f"run.output_dir: {folder}: not writable{where}")
+        raise UserError(f"{key}: {folder}: not writable{where}")
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database
+
+
+def check_sqlite_file(db: Path, key: str) -> None:
+    """A store file that is not SQLite (random bytes, another program's file) must be named here:
+    MLflow reports it only as a store that never answers (training warns "not answering", retries
+    until the end and waits at exit; ``nt-dist report`` prints SQLAlchemy's traceback). An empty
+    file is a new database to SQLite, and a missing one is created."""
+    try:
+        with db.open("rb") as handle:
+            head = handle.read(len(SQLITE_HEADER))
+    except OSError:  # missing, or unreadable: created by MLflow, or named by the access check
+        return
+    if head and head != SQLITE_HEADER:
+        raise UserError(f"{key}: {db}: not an SQLite database (move it aside, and MLflow creates a new "
+                        "store there)")
 
 
 def check_tracking_uri(recipe: Recipe) -> None:
@@ -83,6 +105,7 @@ def check_tracking_uri(recipe: Recipe) -> None:
         db = Path(uri.removeprefix("sqlite:///"))
         if db.exists() and (db.is_dir() or not os.access(db, os.R_OK | os.W_OK)):
             raise UserError(f"{key}: {db}: not a writable SQLite file")
+        check_sqlite_file(db, key)
         target = nearest_existing(db.parent)
         # SQLite writes a journal beside the file, and mlartifacts/ goes there too
         if not target.is_dir() or not os.access(target, os.W_OK | os.X_OK):

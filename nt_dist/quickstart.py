@@ -17,13 +17,17 @@ stages are not retrained; ``--fresh`` starts over.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nt_dist.errors import RunError
 from nt_dist.fileio import atomic_write_text
+
+if TYPE_CHECKING:
+    from nt_dist.report import Result
 
 NAMES = ("teacher_normal", "teacher_nasty", "student_baseline", "student_kd_normal", "student_kd_nasty")
 MAX_DROP = 2.0  # the nasty teacher keeps its accuracy within this many points (mean over seeds)
@@ -54,7 +58,7 @@ def run_quickstart(out: Path, extra: list[str], fresh: bool = False, seeds: list
         raise RunError(f"the quickstart pipeline did not finish (see above); run the same command again to "
                        f"resume it (output in {out})")
     results, _ = report.from_stages(stages)
-    numbers = report.quickstart_numbers(results)
+    numbers = quickstart_numbers(results)
     atomic_write_text(out / "results.json", json.dumps(numbers, indent=1) + "\n")
     table = report.build_table(results, "Quickstart: digits, cifar_cnn teachers, MLP student")
     print()
@@ -82,3 +86,22 @@ def verdict(numbers: dict[str, Any]) -> str:
     return (f"nasty teacher: {-drop:+.2f} points vs the normal teacher on the mean (target: within {MAX_DROP:g}; "
             f"worst seed {-worst_drop:+.2f}); its student: {-gap:+.2f} points vs the normal teacher's student "
             f"(target: {MIN_GAP:g} below; worst seed {-worst_gap:+.2f}). Effect shown: {'yes' if shown else 'NO'}")
+
+
+def quickstart_numbers(results: list[Result]) -> dict[str, Any]:
+    """The quickstart's five figures (means over seeds) and the same per seed."""
+    def pick(rs: list[Result]) -> dict[str, float]:
+        rows = {kind: {r.row for r in rs if r.kind == kind} for kind in ("teacher", "nasty")}
+
+        def first(kind: str, row_kind: str = "") -> float:
+            return next((r.top1 for r in rs if r.kind == kind and (not row_kind or r.row in rows[row_kind])),
+                        float("nan"))
+
+        return {"teacher_normal": first("teacher"), "teacher_nasty": first("nasty"),
+                "student_baseline": first("baseline"), "student_kd_normal": first("student", "teacher"),
+                "student_kd_nasty": first("student", "nasty")}
+
+    seeds = sorted({r.seed for r in results})
+    per_seed = {str(s): pick([r for r in results if r.seed == s]) for s in seeds}
+    means = {k: round(statistics.fmean(v[k] for v in per_seed.values()), 2) for k in next(iter(per_seed.values()))}
+    return {**means, "seeds": {s: {k: round(x, 2) for k, x in v.items()} for s, v in per_seed.items()}}

@@ -35,6 +35,8 @@ from nt_dist.rundir import RESULTS_FILE
 
 NOTE = ("final-epoch top-1, mean ± sample std over {n} seed(s); in brackets: the change against the student "
         "baseline (a nasty teacher: against its normal teacher)")
+PARTIAL_NOTE = ("; n=k: a cell over k seeds, or (in brackets) a change over the k seeds the two cells "
+                "compared have in common")
 PAPER_NOTE = "; paper: the published figure, best test epoch of one run"
 
 
@@ -53,18 +55,26 @@ class Result:
 class Cell:
     values: tuple[float, ...]
     delta: float | None = None
+    paired: int = 0  # the seeds ``delta`` is over: those this cell shares with the one it is compared with
 
     @property
     def mean(self) -> float:
         return statistics.fmean(self.values)
 
     @property
-    def std(self) -> float:
-        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+    def std(self) -> float | None:
+        """The sample std; None for one seed (a spread of one value is not 0, it is unknown)."""
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
 
-    def text(self) -> str:
-        delta = f" ({signed(self.delta)})" if self.delta is not None else ""
-        return f"{mean_spread(list(self.values))}{delta}"
+    def text(self, seeds: int = 0) -> str:
+        """``mean ± std (change)``; ``n=k`` where the cell has other than the table's ``seeds``
+        seeds, and in the brackets where its change is over fewer seeds than the cell."""
+        delta = ""
+        if self.delta is not None:
+            over = f", n={self.paired}" if self.paired != len(self.values) else ""
+            delta = f" ({signed(self.delta)}{over})"
+        count = f" · n={len(self.values)}" if seeds and len(self.values) != seeds else ""
+        return f"{mean_spread(list(self.values))}{delta}{count}"
 
 
 @dataclass(frozen=True)
@@ -110,21 +120,36 @@ def from_stages(stages: Iterable[Stage]) -> tuple[list[Result], list[str]]:
     return results, missing
 
 
-def from_mlflow(experiment: str, uri: str, table: str = "") -> tuple[list[Result], str, str]:
+def from_mlflow(experiment: str, uri: str, table: str = "",
+                timeout_s: float | None = None) -> tuple[list[Result], str, str]:
     """Finished runs of ``experiment`` tagged by a pipeline (of ``table`` when given).
-    Returns the results, the pipeline's name and its paper table key."""
+    Returns the results, the pipeline's name and its paper table key. A store that does not
+    answer within ``timeout_s`` (default: ``tracking.timeout_s``'s) is one UserError."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
-    found = client.get_experiment_by_name(experiment)
+    from nt_dist.reach import check_store, contact, store_errors, timeout_default
+
+    check_store(uri)
+    hint = "; start it, or pass --tracking-uri"
+
+    def first_call() -> tuple[Any, Any]:  # a SQLite store is opened (and migrated) with its client
+        client = MlflowClient(tracking_uri=uri)
+        return client, client.get_experiment_by_name(experiment)
+
+    client, found = contact(uri, timeout_default() if timeout_s is None else timeout_s, first_call, hint)
     if found is None:
         raise UserError(f"--experiment: {experiment!r} not found in {uri}")
+    with store_errors(uri, hint):
+        return _finished_runs(client, found.experiment_id, experiment, table)
+
+
+def _finished_runs(client: Any, experiment_id: str, experiment: str, table: str) -> tuple[list[Result], str, str]:
     query = "attributes.status = 'FINISHED' and tags.stage != 'report'"
     if table:
         query += f" and tags.table = '{table}'"
     results, tables, papers, seen = [], set(), set(), set()
     # newest first: a cell trained again (run.resume=never) counts once, with its newest run
-    for run in client.search_runs([found.experiment_id], query, max_results=50_000, order_by=["start_time DESC"]):
+    for run in client.search_runs([experiment_id], query, max_results=50_000, order_by=["start_time DESC"]):
         tags, metric = run.data.tags, run.data.metrics.get("test_top1")
         if metric is None or tags.get("stage") not in KINDS:
             continue
@@ -180,9 +205,11 @@ def build_table(results: list[Result], title: str, point: tuple[tuple[str, str],
                 row_order: Iterable[str] = ()) -> Table:
     here = _at(results, point)
     groups: dict[tuple[str, str], list[float]] = {}
+    by_seed: dict[tuple[str, str], dict[int, float]] = {}
     reference: dict[str, str] = {}
     for r in here:
         groups.setdefault((r.row, r.column), []).append(r.top1)
+        by_seed.setdefault((r.row, r.column), {})[r.seed] = r.top1
         if r.kind == "nasty" and r.reference_row:
             reference[r.row] = r.reference_row
     students = list(dict.fromkeys(r.column for r in here if r.kind in ("student", "baseline")))
@@ -192,31 +219,39 @@ def build_table(results: list[Result], title: str, point: tuple[tuple[str, str],
     rows = _order(list(dict.fromkeys(rows)), reference, list(row_order))
     cells: dict[tuple[str, str], Cell] = {}
 
-    def mean(row: str, column: str) -> float | None:
-        values = groups.get((row, column))
-        return statistics.fmean(values) if values else None
+    def cell(key: tuple[str, str], base: tuple[str, str] | None) -> Cell:
+        return _paired(groups[key], by_seed[key], by_seed.get(base) if base else None)
 
     for column in students:
         if (BASELINE_ROW, column) in groups:
             cells[BASELINE_ROW, column] = Cell(tuple(groups[BASELINE_ROW, column]))
     self_reference = {r.row: r.reference_row for r in here if r.kind == "student" and r.reference_row}
     for row in rows:
-        teacher = groups.get((row, TEACHER_COLUMN))
-        if teacher:
-            base = mean(reference[row], TEACHER_COLUMN) if row in reference else None
-            cells[row, TEACHER_COLUMN] = Cell(tuple(teacher), None if base is None else statistics.fmean(teacher) - base)
+        if (row, TEACHER_COLUMN) in groups:
+            cells[row, TEACHER_COLUMN] = cell((row, TEACHER_COLUMN),
+                                              (reference[row], TEACHER_COLUMN) if row in reference else None)
         for column in students:
-            values = groups.get((row, column))
-            if not values:
+            if (row, column) not in groups:
                 continue
-            base = mean(BASELINE_ROW, column)
-            if base is None and row in self_reference:  # a `self` column: against the row's normal teacher
-                base = mean(self_reference[row], TEACHER_COLUMN)
-            if base is None and row in reference:  # no baseline (Table 6): against the normal teacher's student
-                base = mean(reference[row], column)
-            cells[row, column] = Cell(tuple(values), None if base is None else statistics.fmean(values) - base)
+            base: tuple[str, str] | None = (BASELINE_ROW, column)
+            if base not in groups and row in self_reference:  # a `self` column: against the row's normal teacher
+                base = (self_reference[row], TEACHER_COLUMN)
+            if base not in groups and row in reference:  # no baseline (Table 6): against the normal teacher's student
+                base = (reference[row], column)
+            cells[row, column] = cell((row, column), base if base in groups else None)
     seeds = len({r.seed for r in here})
     return Table(title, point, [BASELINE_ROW, *rows], [TEACHER_COLUMN, *students], cells, seeds)
+
+
+def _paired(values: list[float], mine: dict[int, float], base: dict[int, float] | None) -> Cell:
+    """A cell and its change against ``base`` (seed -> top-1): the mean of the differences over
+    the seeds both have, no change when they share none. With a seed missing from one of them,
+    a difference of the means would set one seed's luck against another's (a nasty teacher's
+    seed 0 against its normal teacher's two-seed mean)."""
+    common = sorted(set(mine) & set(base or {}))
+    if base is None or not common:
+        return Cell(tuple(values))
+    return Cell(tuple(values), statistics.fmean(mine[s] - base[s] for s in common), len(common))
 
 
 def _order(rows: list[str], reference: dict[str, str], paper: list[str]) -> list[str]:
@@ -242,28 +277,33 @@ def markdown(table: Table, paper: str = "") -> str:
         cells = []
         for column in table.columns:
             cell = table.cells.get((row, column))
-            text = cell.text() if cell else "–"
+            text = cell.text(table.seeds) if cell else "–"
             figure = paper_cell(paper, row, column) if paper else None
             if figure is not None:
                 delta = f" ({signed(figure[1])})" if figure[1] is not None else ""
                 text += f" · paper {figure[0]:.2f}{delta}"
             cells.append(text)
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    lines += ["", NOTE.format(n=table.seeds) + (PAPER_NOTE if paper else "")]
+    partial = any(len(c.values) != table.seeds or (c.delta is not None and c.paired != len(c.values))
+                  for c in table.cells.values())
+    lines += ["", NOTE.format(n=table.seeds) + (PARTIAL_NOTE if partial else "") + (PAPER_NOTE if paper else "")]
     return "\n".join(lines)
 
 
 def csv_text(tables: list[Table], paper: str = "") -> str:
+    """One line a cell. ``std`` is empty for one seed; ``delta_n``: the seeds ``delta`` is over."""
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["table", "sweep", "row", "column", "n", "mean", "std", "delta", "paper", "paper_delta",
-                     "values"])
+    writer.writerow(["table", "sweep", "row", "column", "n", "mean", "std", "delta", "delta_n", "paper",
+                     "paper_delta", "values"])
     for t in tables:
         sweep = ";".join(f"{k}={v}" for k, v in t.point)
         for (row, column), cell in t.cells.items():
             figure = paper_cell(paper, row, column) if paper else None
-            writer.writerow([t.title, sweep, row, column, len(cell.values), f"{cell.mean:.4f}", f"{cell.std:.4f}",
+            writer.writerow([t.title, sweep, row, column, len(cell.values), f"{cell.mean:.4f}",
+                             "" if cell.std is None else f"{cell.std:.4f}",
                              "" if cell.delta is None else f"{cell.delta:.4f}",
+                             "" if cell.delta is None else cell.paired,
                              "" if figure is None else figure[0], "" if figure is None or figure[1] is None else figure[1],
                              " ".join(f"{v:.2f}" for v in cell.values)])
     return out.getvalue()
@@ -311,9 +351,12 @@ def write_plots(results: list[Result], folder: Path, name: str) -> list[Path]:
 # ----------------------------------------------------------------------------- the command
 
 
-def report(results: list[Result], name: str, paper: str, folder: Path) -> tuple[str, list[Path]]:
-    """Write ``<folder>/report.md``, ``report.csv`` and the sweep PNGs; return the Markdown and the files."""
+def report(results: list[Result], name: str, paper: str, folder: Path, key: str = "--out") -> tuple[str, list[Path]]:
+    """Write ``<folder>/report.md``, ``report.csv`` and the sweep PNGs; return the Markdown and
+    the files. A folder that cannot be written is one UserError naming it (``key``: where the
+    user chooses it)."""
     from nt_dist.fileio import atomic_write_text
+    from nt_dist.preflight import check_folder
 
     if paper and paper not in paper_tables():
         raise UserError(f"paper: {paper!r} is not a table of nt_dist/paper_tables.yaml "
@@ -322,24 +365,46 @@ def report(results: list[Result], name: str, paper: str, folder: Path) -> tuple[
     order = list(paper_tables()[paper]["rows"]) if paper else []
     tables = [build_table(results, title, point, order) for point in sweep_points(results)]
     text = "\n\n".join(markdown(t, paper) for t in tables) + "\n"
-    folder.mkdir(parents=True, exist_ok=True)
+    check_folder(folder, key)  # a read-only parent named before anything is written
     files = [folder / "report.md", folder / "report.csv"]
-    atomic_write_text(files[0], text)
-    atomic_write_text(files[1], csv_text(tables, paper))
-    files += write_plots(results, folder, name)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(files[0], text)
+        atomic_write_text(files[1], csv_text(tables, paper))
+        files += write_plots(results, folder, name)
+    except OSError as exc:  # what the access check cannot foresee: a full disk, a quota, a read-only mount
+        raise UserError(f"{key}: {folder}: the report could not be written "
+                        f"({exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''})") from None
     return text, files
 
 
-def log_to_mlflow(files: list[Path], experiment: str, uri: str, name: str, paper: str, text: str = "") -> str:
+def log_to_mlflow(files: list[Path], experiment: str, uri: str, name: str, paper: str, text: str = "",
+                  timeout_s: float | None = None) -> str:
     """One run ``<name>/report`` in ``experiment`` holding the report's files, the cells as an
     MLflow table (``results_table.json``: the UI's artifact view shows it as a table) and the
-    Markdown tables as the run's description; returns its id."""
+    Markdown tables as the run's description; returns its id. A store that does not answer
+    within ``timeout_s`` is one UserError (the files are written by then: it says where)."""
     from mlflow.tracking import MlflowClient
 
-    from nt_dist.tracking import ensure_experiment, log_artifact, log_table
+    from nt_dist.reach import check_store, contact, store_errors, timeout_default
+    from nt_dist.tracking import ensure_experiment
 
-    client = MlflowClient(tracking_uri=uri)
-    experiment_id = ensure_experiment(client, experiment, uri)  # as the training runs would create it
+    check_store(uri)
+    hint = f"; the report is in {files[0].parent} (--no-mlflow: do not log it)" if files else ""
+
+    def first_call() -> tuple[Any, str]:  # the experiment as the training runs would create it
+        client = MlflowClient(tracking_uri=uri)
+        return client, ensure_experiment(client, experiment, uri)
+
+    client, experiment_id = contact(uri, timeout_default() if timeout_s is None else timeout_s, first_call, hint)
+    with store_errors(uri, hint):
+        return _report_run(client, uri, experiment_id, files, name, paper, text)
+
+
+def _report_run(client: Any, uri: str, experiment_id: str, files: list[Path], name: str, paper: str,
+                text: str) -> str:
+    from nt_dist.tracking import log_artifact, log_table
+
     tags = {"table": name, "stage": "report", "paper": paper, "role": "report"}
     if text:
         tags["mlflow.note.content"] = text
@@ -367,23 +432,3 @@ def tracking_of(p: Pipeline, stages: list[Stage]) -> tuple[bool, str]:
         return False, ""
     recipe = load_recipe(stages[0].recipe, list(stages[0].overrides))
     return recipe.tracking.enabled, tracking_uri(recipe.tracking)
-
-
-def quickstart_numbers(results: list[Result]) -> dict[str, Any]:
-    """The quickstart's five figures (means over seeds) and the same per seed."""
-    def pick(rs: list[Result]) -> dict[str, float]:
-        rows = {kind: {r.row for r in rs if r.kind == kind} for kind in ("teacher", "nasty")}
-
-        def first(kind: str, row_kind: str = "") -> float:
-            return next((r.top1 for r in rs if r.kind == kind and (not row_kind or r.row in rows[row_kind])),
-                        float("nan"))
-
-        return {"teacher_normal": first("teacher"), "teacher_nasty": first("nasty"),
-                "student_baseline": first("baseline"), "student_kd_normal": first("student", "teacher"),
-                "student_kd_nasty": first("student", "nasty")}
-
-    seeds = sorted({r.seed for r in results})
-    per_seed = {str(s): pick([r for r in results if r.seed == s]) for s in seeds}
-    means = {k: round(statistics.fmean(v[k] for v in per_seed.values()), 2) for k in next(iter(per_seed.values()))}
-    return {**means, "seeds": {s: {k: round(x, 2) for k, x in v.items()} for s, v in per_seed.items()}}
-

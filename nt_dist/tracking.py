@@ -23,24 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from nt_dist.config import TrackingConfig
-from nt_dist.errors import warn
+from nt_dist.errors import say, warn
+from nt_dist.reach import bound_requests, store_file
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 DEFAULT_EXPERIMENT = "nt_dist"  # a recipe built in code, with no file to name the experiment after
-
+GRACE_S = 2.0  # at the run's end, a wait shorter than this goes unannounced (a healthy store's last batch)
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
     """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else the SQLite store in the cwd."""
     return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
-
-
-def store_file(uri: str) -> Path | None:
-    """A SQLite store's database file (absolute); None for servers."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri.removeprefix("sqlite:///")).resolve()
 
 
 def store_folder(uri: str) -> Path | None:
@@ -160,6 +154,7 @@ class Tracker:
         self._stop = threading.Event()
         self._created = threading.Event()
         self._lock = threading.Lock()
+        self._announced = False  # the closing wait has been announced (finish)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -172,11 +167,13 @@ class Tracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not self.cfg.enabled:
             return ""
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        bound_requests(self.flush_timeout)
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # our closing line has it
-        for name in ("mlflow.store.db.utils", "mlflow.system_metrics", "alembic"):  # INFO chatter on stderr
+        for name in ("mlflow.store.db.utils", "alembic"):  # INFO chatter on stderr
             logging.getLogger(name).setLevel(logging.WARNING)
+        # the monitor warns in MLflow's own multi-line format on every failed publication; what
+        # was not delivered is named in one line at the end (finish)
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.CRITICAL)
         import mlflow.tracking  # noqa: F401 - imported here: the import is slow and is not an MLflow call
 
         # the client is built on the delivery thread: opening a store (SQLite schema migrations,
@@ -235,13 +232,17 @@ class Tracker:
         return ensure_experiment(self._client, experiment_of(self.cfg), tracking_uri(self.cfg))
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Deliver what is queued, then mark the run ``status`` (FINISHED, FAILED or KILLED)."""
+        """Deliver what is queued, then mark the run ``status`` (FINISHED, FAILED or KILLED).
+        The system metrics' last samples and the queued events share one ``timeout_s``: waited
+        for one after the other, each with its own, a store gone away cost twice that."""
         if not self.active or self._thread is None:
             return
-        self._stop_system_metrics()
+        deadline = time.monotonic() + self.flush_timeout
+        self._announced = False
+        self._stop_system_metrics(deadline)
         self._submit("status", status)
         self._queue.put(None)
-        self._thread.join(self.flush_timeout)
+        self._wait(self._thread, deadline)
         self._stop.set()
         leftover = self._drain()
         if leftover:
@@ -252,14 +253,29 @@ class Tracker:
             warn(f"MLflow did not accept {len(leftover)} tracking events; they are kept in {path}")
         self._thread = None
 
-    def _stop_system_metrics(self) -> None:
-        """Stop the monitor and deliver its last samples, for at most ``timeout_s``: its own
-        ``finish`` joins without a limit (minutes when the server has gone away)."""
+    def _wait(self, thread: threading.Thread, deadline: float) -> None:
+        """Join ``thread`` until ``deadline``; a wait longer than :data:`GRACE_S` is announced
+        once, so that the silence after a run's ``done`` line has a reason and an end."""
+        thread.join(max(0.0, min(GRACE_S, deadline - time.monotonic())))
+        left = deadline - time.monotonic()
+        if not thread.is_alive() or left <= 0:
+            return
+        if not self._announced:
+            self._announced = True
+            uri = tracking_uri(self.cfg)
+            what = "tracking store" if store_file(uri) is not None else "tracking server"
+            say(f"nt-dist: waiting up to {left:.0f} s (tracking.timeout_s) for the {what} at {uri} "
+                "to take the run's last events")
+        thread.join(left)
+
+    def _stop_system_metrics(self, deadline: float) -> None:
+        """Stop the monitor and deliver its last samples, until ``deadline``: its own ``finish``
+        joins without a limit (minutes when the server has gone away)."""
         if self._created.is_set() and self._monitor is not None:
             stopper = threading.Thread(target=_last_sample, args=(self._monitor,), name="nt-dist-system-metrics",
                                        daemon=True)
             stopper.start()
-            stopper.join(self.flush_timeout)
+            self._wait(stopper, deadline)
             self._monitor = None
 
     # ------------------------------------------------------------------ events

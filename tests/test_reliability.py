@@ -14,6 +14,7 @@ import psutil
 import pytest
 from conftest import REPO, MlflowServer, tiny_overrides
 from mlflow.tracking import MlflowClient
+from test_faults import one_error
 
 NT_DIST = str(Path(sys.executable).with_name("nt-dist"))
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -87,6 +88,16 @@ def stored_metrics(db: Path, key: str) -> int:
         return 0
 
 
+def stop_after_first_epoch(proc: subprocess.Popen, server: MlflowServer, db: Path) -> None:
+    """Stop ``server`` once it has stored a first epoch's metrics (read from its database: under
+    load, delivery may lag the local log by more than a poll); the run must still be going."""
+    deadline = time.time() + 180
+    while time.time() < deadline and not stored_metrics(db, "test_top1"):
+        assert proc.poll() is None
+        time.sleep(0.05)
+    server.stop()
+
+
 def test_tracking_server_dying_mid_run_loses_no_metric(tmp_path: Path):
     server = MlflowServer(tmp_path / "server")
     out = tmp_path / "run"
@@ -97,13 +108,7 @@ def test_tracking_server_dying_mid_run_loses_no_metric(tmp_path: Path):
     proc = subprocess.Popen([NT_DIST, "train", str(REPO / "recipes" / "digits_teacher.yaml"), *args(overrides)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        # the server dies once it has stored a first epoch's metrics (reading its database: under
-        # load, delivery may lag the local log by more than a poll)
-        deadline = time.time() + 180
-        while time.time() < deadline and not stored_metrics(tmp_path / "server" / "db.sqlite", "test_top1"):
-            assert proc.poll() is None
-            time.sleep(0.05)
-        server.stop()
+        stop_after_first_epoch(proc, server, tmp_path / "server" / "db.sqlite")
         _, err = proc.communicate(timeout=300)
     finally:
         server.stop()
@@ -122,3 +127,75 @@ def test_tracking_server_dying_mid_run_loses_no_metric(tmp_path: Path):
             map(json.loads, (out / "mlflow_undelivered.jsonl").read_text().splitlines()) if u["kind"] == "metrics"]
     assert len(delivered) >= 1 and len(kept) >= 1
     assert sorted(delivered + kept) == pytest.approx(sorted(local))
+
+
+# ---------------------------------------------------------------- a store that is not one, a server that hangs
+
+
+@pytest.mark.parametrize("where", ["tracking.uri", "default"])
+def test_a_store_file_of_random_bytes_is_named_by_check_and_train(tmp_path: Path, where: str):
+    """``tracking.uri: sqlite:///garbage.db``, or ./mlflow.db (the default store) holding random
+    bytes: check called it valid, and training warned "not answering", trained, and waited ~2
+    minutes after its done line. Now both say what the file is, in the same line, at once."""
+    garbage = tmp_path / ("garbage.db" if where == "tracking.uri" else "mlflow.db")
+    garbage.write_bytes(os.urandom(64 * 1024))
+    overrides = tiny_overrides(tmp_path / "run", "teacher")
+    if where == "tracking.uri":
+        overrides.append(f"tracking.uri=sqlite:///{garbage}")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # conftest's store: not here
+    key = "tracking.uri" if where == "tracking.uri" else "tracking.uri (default)"
+    expected = (f"nt-dist: error: {key}: {garbage}: not an SQLite database (move it aside, and MLflow creates a "
+                "new store there)")
+    for command in ("check", "train"):
+        started = time.monotonic()
+        proc = subprocess.run([NT_DIST, command, str(REPO / "recipes" / "digits_teacher.yaml"), *args(overrides)],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+        assert one_error(proc) == expected, command
+        assert time.monotonic() - started < 60, command
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_wait_after_done_for_a_server_that_went_silent_is_bounded_and_said(tmp_path: Path):
+    """The server stops answering mid-run (its port still takes connections: a hung process).
+    After ``done``, the system metrics' last samples and the queued events shared no limit:
+    each waited ``tracking.timeout_s``, one after the other. Now the whole closing wait is
+    bounded by it, and one line says so while it lasts."""
+    import socket
+
+    timeout_s = 10
+    server = MlflowServer(tmp_path / "server")
+    port = int(server.url.rsplit(":", 1)[1])
+    overrides = tiny_overrides(tmp_path / "run", "teacher", **{
+        "run.epochs": "8", "data.train_subset": "0", "run.name": "silent", "tracking.uri": server.url,
+        "tracking.timeout_s": str(timeout_s), "tracking.experiment": "silent",
+        "tracking.system_metrics_interval_s": "0.2"})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}  # nt-dist's own bounds
+    proc = subprocess.Popen([NT_DIST, "train", str(REPO / "recipes" / "digits_teacher.yaml"), *args(overrides)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    silent = socket.socket()
+    lines: list[tuple[float, str]] = []
+    try:
+        stop_after_first_epoch(proc, server, tmp_path / "server" / "db.sqlite")
+        silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        silent.bind(("127.0.0.1", port))
+        silent.listen(64)  # connections are taken by the kernel; nobody reads them
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append((time.monotonic(), line.rstrip("\n")))
+        proc.wait(timeout=60)
+        ended = time.monotonic()
+    finally:
+        silent.close()
+        server.stop()
+        if proc.poll() is None:
+            proc.kill()
+    text = "\n".join(line for _, line in lines)
+    assert proc.returncode == 0, text[-3000:]
+    done = next(t for t, line in lines if "] done: " in line)
+    waiting = [line for _, line in lines if line.startswith("nt-dist: waiting up to ")]
+    assert len(waiting) == 1, text[-3000:]
+    assert waiting[0].endswith(f"s (tracking.timeout_s) for the tracking server at {server.url} to take the "
+                               "run's last events"), waiting[0]
+    assert "mlflow_undelivered.jsonl" in text and "Traceback" not in text and "WARNING mlflow" not in text
+    # the limit, and the interpreter's exit (a few seconds on a loaded machine)
+    assert ended - done < timeout_s + 6, f"{ended - done:.1f} s after done"

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from mlflow.tracking import MlflowClient
+from test_array_cache import needs_user
+from test_faults import DROP_ROOT_RIGHTS, one_error
 
 from nt_dist import report
+from nt_dist.errors import UserError
 from nt_dist.report import Result
 
 NT_DIST = str(Path(sys.executable).with_name("nt-dist"))
@@ -68,8 +75,43 @@ def test_csv_is_one_line_per_cell_with_the_seeds_values():
     assert len(rows) == 5
     nasty = next(r for r in rows if r["row"] == "ResNet-18 nasty" and r["column"] == "CNN")
     assert nasty == {"table": "T", "sweep": "nasty.omega=0.004", "row": "ResNet-18 nasty", "column": "CNN", "n": "2",
-                     "mean": "70.5000", "std": "0.7071", "delta": "-10.5000", "paper": "82.46",
+                     "mean": "70.5000", "std": "0.7071", "delta": "-10.5000", "delta_n": "2", "paper": "82.46",
                      "paper_delta": "-4.18", "values": "70.00 71.00"}
+
+
+def test_a_change_is_over_the_seeds_both_cells_have():
+    """Seed 1 of the nasty teacher (and of its student) is missing: its change compares its
+    seed 0 with the normal teacher's seed 0 (94 - 95), not with the two-seed mean (94 - 96);
+    the cell says it is over one seed. A cell over every seed whose reference misses one says
+    its change is over one."""
+    results = [r for r in table1_results() if not (r.row == "ResNet-18 nasty" and r.seed == 1)]
+    results.append(Result("student", "ResNet-18 nasty", "CNN", 1, (), 71.0))
+    results = [r for r in results if not (r.kind == "baseline" and r.seed == 1)]
+    table = report.build_table(results, "T")
+    teacher, student = table.cells["ResNet-18 nasty", "teacher"], table.cells["ResNet-18 nasty", "CNN"]
+    assert (teacher.values, teacher.delta, teacher.paired) == ((94.0,), -1.0, 1)
+    assert (student.values, student.delta, student.paired) == ((70.0, 71.0), -10.0, 1)  # 70 - 80, seed 0 only
+    assert table.cells["ResNet-18 normal", "CNN"].delta == 4.0  # 84 - 80: seed 1 has no baseline
+    lines = report.markdown(table).splitlines()
+    assert lines[4] == "| student baseline | – | 80.00 · n=1 |"
+    assert lines[6] == "| ResNet-18 nasty | 94.00 (−1.00) · n=1 | 70.50 ± 0.71 (−10.00, n=1) |"
+    assert "n=k: a cell over k seeds, or (in brackets) a change over the k seeds" in lines[-1]
+    assert "n=k" not in report.markdown(report.build_table(table1_results(), "T")).splitlines()[-1]
+    rows = {(r["row"], r["column"]): r for r in csv.DictReader(io.StringIO(report.csv_text([table])))}
+    assert (rows["ResNet-18 nasty", "CNN"]["delta"], rows["ResNet-18 nasty", "CNN"]["delta_n"]) == ("-10.0000", "1")
+
+
+def test_no_change_when_the_cells_share_no_seed():
+    results = [Result("teacher", "A normal", "teacher", 0, (), 95.0),
+               Result("nasty", "A nasty", "teacher", 1, (), 94.0, "A normal")]
+    cell = report.build_table(results, "T").cells["A nasty", "teacher"]
+    assert cell.delta is None and cell.text(2) == "94.00 · n=1"
+
+
+def test_csv_leaves_the_std_of_one_seed_empty():
+    results = [r for r in table1_results() if r.seed == 0]
+    rows = list(csv.DictReader(io.StringIO(report.csv_text([report.build_table(results, "T")]))))
+    assert len(rows) == 5 and {r["std"] for r in rows} == {""} and {r["n"] for r in rows} == {"1"}
 
 
 def test_a_sweep_gives_a_table_per_value_and_flat_lines_for_stages_it_does_not_reach():
@@ -140,7 +182,83 @@ def test_quickstart_numbers_keep_the_five_keys_as_means_and_add_each_seed():
             ("student", "A normal", "m"), ("student", "A nasty", "m")]
     results = [Result(kind, row, col, seed, (), 90.0 + i + seed) for i, (kind, row, col) in enumerate(rows)
                for seed in (0, 1)]
-    numbers = report.quickstart_numbers(results)
+    from nt_dist.quickstart import quickstart_numbers
+
+    numbers = quickstart_numbers(results)
     assert list(numbers) == ["teacher_normal", "teacher_nasty", "student_baseline", "student_kd_normal",
                              "student_kd_nasty", "seeds"]
     assert numbers["student_kd_nasty"] == 94.5 and numbers["seeds"]["1"]["teacher_nasty"] == 92.0
+
+
+# ----------------------------------------------------------------------------- faults, in one line
+
+
+def store_with_table1(tmp_path: Path) -> str:
+    """A SQLite store holding the finished runs of table1_results() in experiment paper-t1."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("paper-t1", artifact_location=(tmp_path / "art").as_uri())
+    for r in table1_results():
+        run = client.create_run(experiment, tags={"table": "table1", "row": r.row, "column": r.column,
+                                                  "seed": str(r.seed), "stage": r.kind})
+        client.log_metric(run.info.run_id, "test_top1", r.top1)
+        client.set_terminated(run.info.run_id, "FINISHED")
+    return uri
+
+
+def plain_env() -> dict[str, str]:
+    """The environment of a user who has set none of MLflow's HTTP variables."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
+
+
+def test_a_report_from_an_unreachable_server_is_one_line_naming_it(tmp_path: Path):
+    """Nothing listens at the address: one line naming it, exit 2, in seconds (it was 4 min 39 s
+    of MLflow's retries, then a traceback)."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    proc = subprocess.run([NT_DIST, "report", "--experiment", "X", "--tracking-uri", uri], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path, env=plain_env())
+    elapsed = time.monotonic() - started
+    assert one_error(proc) == (f"nt-dist: error: MLflow at {uri} is not answering (connection refused); "
+                               "start it, or pass --tracking-uri")
+    assert elapsed < 60, elapsed  # tracking.timeout_s
+    assert not (tmp_path / "report-X").exists()
+
+
+def test_a_server_that_never_answers_ends_the_report_within_the_timeout(tmp_path: Path):
+    """A server that takes connections and never answers (a hung process): MLflow's own timeouts
+    bound each request; the report's first call is bounded as a whole."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # the kernel completes the handshakes; nobody reads
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(UserError, match=rf"^MLflow at {uri} is not answering \(no answer within 2 s\)"):
+            report.from_mlflow("X", uri, timeout_s=2)
+        assert time.monotonic() - started < 4
+
+
+def test_a_report_from_a_store_of_random_bytes_is_one_line(tmp_path: Path):
+    (tmp_path / "garbage.db").write_bytes(os.urandom(4096))
+    proc = subprocess.run([NT_DIST, "report", "--experiment", "X", "--tracking-uri",
+                           f"sqlite:///{tmp_path / 'garbage.db'}"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert one_error(proc) == (f"nt-dist: error: MLflow store: {tmp_path / 'garbage.db'}: not an SQLite database "
+                               "(move it aside, and MLflow creates a new store there)")
+
+
+@needs_user
+def test_a_report_into_a_read_only_folder_is_one_line_naming_it(tmp_path: Path):
+    uri = store_with_table1(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    prefix = DROP_ROOT_RIGHTS if os.geteuid() == 0 else []  # root ignores permission bits
+    try:
+        proc = subprocess.run([*prefix, NT_DIST, "report", "--experiment", "paper-t1", "--tracking-uri", uri,
+                               "--out", str(locked / "rep"), "--no-mlflow"], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
+    finally:
+        locked.chmod(0o755)
+    assert one_error(proc) == f"nt-dist: error: --out: {locked / 'rep'}: not writable (its parent {locked} is read-only)"
+    assert not (locked / "rep").exists()

@@ -262,3 +262,19 @@ def test_nt_dist_train_piped_writes_epoch_lines_and_a_closing_line(tmp_path: Pat
                            lines[-1])
     assert closing, lines[-1]
     assert Path(closing[1]) == tmp_path / "piped" / "model.safetensors" and closing[2] == closing[4] == run_id
+
+
+def test_an_unreachable_store_reads_as_one_line_and_a_local_fault_does_not():
+    """The reason comes from the socket's error under MLflow's and requests' wrappers; a missing
+    local file is an OSError too, and no reason to call a server silent."""
+    from nt_dist.errors import UserError
+    from nt_dist.reach import network_failure, store_errors, within
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    client = MlflowClient(tracking_uri=uri)
+    with pytest.raises(UserError, match=rf"^MLflow at {uri} is not answering \(connection refused\); hint$"), \
+            store_errors(uri, "; hint"):
+        within(30, lambda: client.get_experiment_by_name("x"))
+    assert network_failure(FileNotFoundError(2, "No such file or directory")) is None
+    with pytest.raises(FileNotFoundError), store_errors(uri):
+        raise FileNotFoundError(2, "No such file or directory")
