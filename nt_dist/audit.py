@@ -134,6 +134,7 @@ def check(plan: AuditPlan) -> Checked:
     class counts against the student recipe's data set."""
     from nt_dist.checkpoint import read_model_metadata
     from nt_dist.config import load_recipe
+    from nt_dist.models import UnknownModelError, check_model_name
 
     teacher = _model_file(plan.teacher, "--teacher")
     reference = _model_file(plan.reference, "--reference")
@@ -147,6 +148,11 @@ def check(plan: AuditPlan) -> Checked:
         if meta.get("num_classes") and str(meta["num_classes"]).isdigit() and int(meta["num_classes"]) != classes:
             raise UserError(f"{key}: {path} has {meta['num_classes']} classes but the data set of {plan.recipe} "
                             f"({recipe.data.name}) has {classes}")
+        try:
+            check_model_name(meta["architecture"])
+        except UnknownModelError as exc:
+            raise UserError(f"{key}: {path} records architecture {meta['architecture']!r}, "
+                            f"which this install cannot build: {exc}") from None
     arch_t, arch_r = meta_t["architecture"], meta_r["architecture"]
     needs_same = [f"--student {plan.student}"] * (plan.student == "self") + [
         f"the defences ({', '.join(plan.defences)}) served through the reference"] * bool(plan.defences)
@@ -155,6 +161,10 @@ def check(plan: AuditPlan) -> Checked:
                         f"{' and '.join(needs_same)} compare one architecture: pass a reference of the same "
                         "architecture (or --defences none with a named --student)")
     student = arch_t if plan.student == "self" else plan.student or recipe.model.name
+    try:
+        check_model_name(student)
+    except UnknownModelError as exc:
+        raise UserError(f"--student: {exc}") from None
     return Checked(teacher, reference, student, recipe)
 
 

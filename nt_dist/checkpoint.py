@@ -174,18 +174,21 @@ def load_frozen_model(
     num_classes: int,
     key: str,
     create: Callable[[str, int], torch.nn.Module],
+    hint: str = "",
 ) -> tuple[torch.nn.Module, dict[str, str]]:
     """Build the frozen adversary/teacher named in a recipe and load its exported weights.
 
     ``architecture`` empty means the one recorded in the file. A mismatch in architecture or
-    class count is a one-line error naming ``key`` (e.g. ``nasty.adversary_checkpoint``).
+    class count is a one-line error naming ``key`` (e.g. ``nasty.adversary_checkpoint``);
+    ``hint`` ends the error of a file that records no architecture (where a recipe can name
+    it, the recipe's key: ``"; name it in the recipe (nasty.adversary)"``).
     """
     path = resolve_model_file(checkpoint, key)
     tensors, meta = read_model_file(path, key)
     recorded = meta.get("architecture", "")
     name = architecture or recorded
     if not name:
-        raise UserError(f"{key}: {path} records no architecture; name it in the recipe")
+        raise UserError(f"{key}: {path} records no architecture (nt-dist train's exports do){hint}")
     if architecture and recorded and architecture != recorded:
         raise UserError(f"{key}: {path} holds a {recorded!r} but the recipe asks for {architecture!r}")
     if meta.get("num_classes") and not str(meta["num_classes"]).isdigit():

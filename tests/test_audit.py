@@ -24,12 +24,14 @@ NT_DIST = str(Path(sys.executable).with_name("nt-dist"))
 ATTACK_RECIPE = REPO / "recipes" / "digits_attack.yaml"
 
 
-def fake_model(folder: Path, architecture: str = "cifar_cnn", classes: int = 10) -> Path:
-    """An exported model with random weights: enough for every check made before training."""
+def fake_model(folder: Path, architecture: str = "cifar_cnn", classes: int = 10, recorded: str = "") -> Path:
+    """An exported model with random weights: enough for every check made before training.
+    ``recorded``: the architecture its metadata names, if not the one it holds."""
     folder.mkdir(parents=True, exist_ok=True)
     model = create_model(architecture, num_classes=classes)
     export_model(model.state_dict(), folder / "model.safetensors",
-                 {"architecture": architecture, "num_classes": str(classes), "role": "teacher", "dataset": "digits"})
+                 {"architecture": recorded or architecture, "num_classes": str(classes), "role": "teacher",
+                  "dataset": "digits"})
     return folder
 
 
@@ -54,9 +56,15 @@ def cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProces
              "(or --defences none with a named --student)"),
     ("missing", "nt-dist: error: --teacher: {t}/nope not found (expected a model.safetensors "
                 "written by nt-dist, or the run folder holding it)"),
+    ("unknown", "nt-dist: error: --teacher: {t}/model.safetensors records architecture 'cifar_cnn9', which this "
+                "install cannot build: unknown model 'cifar_cnn9'; close matches: cifar_cnn, cifar_resnext29, "
+                "cifar_resnet8"),
+    ("student", "nt-dist: error: --student: unknown model 'cifar_cnm'; close matches: cifar_cnn, cifar_resnet8, "
+                "cifar_resnet50, cifar_resnet34, cifar_resnet32, cifar_resnet20"),
 ])
 def test_bad_inputs_end_in_one_line_before_anything_is_trained(case: str, expected: str, tmp_path: Path):
-    teacher = fake_model(tmp_path / "t", classes=100 if case == "classes" else 10)
+    teacher = fake_model(tmp_path / "t", classes=100 if case == "classes" else 10,
+                         recorded="cifar_cnn9" if case == "unknown" else "")
     reference = fake_model(tmp_path / "r", "mlp" if case in ("architecture", "self") else "cifar_cnn")
     args = ["audit", "--teacher", str(teacher), "--reference", str(reference), "--out", str(tmp_path / "out")]
     if case == "attack":
@@ -65,6 +73,8 @@ def test_bad_inputs_end_in_one_line_before_anything_is_trained(case: str, expect
         args += ["--student", "self", "--defences", "none"]
     if case == "missing":
         args[2] = str(teacher / "nope")
+    if case == "student":
+        args += ["--student", "cifar_cnm"]
     done = cli(*args, cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [expected.format(t=teacher, r=reference, recipe=ATTACK_RECIPE)]

@@ -123,6 +123,15 @@ def test_wrong_checkpoint_is_one_line_naming_the_key(tmp_path: Path):
     export_model(create_model("mlp", 10).state_dict(), tmp_path / "other" / "model.safetensors", {})
     with pytest.raises(UserError, match="does not fit 'cifar_cnn'"):
         load_frozen_model("cifar_cnn", str(tmp_path / "other"), 10, key, create_model)
+    # no architecture recorded or named: the hint is the caller's (plot-logits and the audit take no recipe)
+    bare = tmp_path / "other" / "model.safetensors"
+    with pytest.raises(UserError) as info:
+        load_frozen_model("", str(bare), 10, "--teacher", create_model)
+    assert str(info.value) == f"--teacher: {bare} records no architecture (nt-dist train's exports do)"
+    with pytest.raises(UserError) as info:
+        load_frozen_model("", str(bare), 10, key, create_model, hint="; name it in the recipe (distill.teacher)")
+    assert str(info.value).endswith("records no architecture (nt-dist train's exports do); name it in the recipe "
+                                    "(distill.teacher)")
 
 
 def test_pickle_that_would_run_code_is_refused(tmp_path: Path):

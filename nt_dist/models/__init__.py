@@ -32,6 +32,16 @@ def list_models() -> list[str]:
     return list(ENTRYPOINTS)
 
 
+def check_model_name(name: str) -> None:
+    """Raise :class:`UnknownModelError` (with close matches) unless ``name`` is ours or timm's;
+    nothing is built, so callers check a name before anything trains."""
+    if name in ENTRYPOINTS or timm.is_model(name):
+        return
+    candidates = list(dict.fromkeys(list_models() + timm.list_models()))
+    matches = difflib.get_close_matches(name, candidates, n=6)
+    raise UnknownModelError(f"unknown model {name!r}; close matches: {', '.join(matches) if matches else '(none)'}")
+
+
 def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """Build model ``name`` with a ``num_classes``-way classifier and random weights.
 
@@ -43,12 +53,7 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """
     if name in ENTRYPOINTS:
         return ENTRYPOINTS[name](num_classes=num_classes, **kwargs)
-    if not timm.is_model(name):
-        candidates = list(dict.fromkeys(list_models() + timm.list_models()))
-        matches = difflib.get_close_matches(name, candidates, n=6)
-        raise UnknownModelError(
-            f"unknown model {name!r}; close matches: {', '.join(matches) if matches else '(none)'}"
-        )
+    check_model_name(name)
     if kwargs.pop("pretrained", False):
         raise ValueError(
             f"pretrained weights cannot be downloaded here; build {name!r} with pretrained=False"
