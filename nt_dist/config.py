@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,10 +23,12 @@ from pydantic.dataclasses import dataclass
 
 from nt_dist.data.specs import DATASETS, LOADERS, AugmentMode, LoaderName, loaders_with, unknown_dataset
 from nt_dist.errors import UserError
+from nt_dist.yamlio import DuplicateKey, read_yaml_file, safe_load
 
 # allow_inf_nan=False: .inf/.nan are valid YAML floats and pass every gt/ge bound
 _STRICT = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 SEED_MAX = 2**32 - 1  # numpy's seed range (accelerate.set_seed seeds numpy too)
+_BIDI_CONTROLS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def registered_values() -> dict[str, tuple[str, ...]]:
@@ -77,6 +80,15 @@ class RunConfig:
     @classmethod
     def _yaml_no(cls, value: Any) -> Any:
         return "no" if value is False else value  # YAML reads an unquoted `no` as false
+
+    @field_validator("name")
+    @classmethod
+    def _one_printable_line(cls, value: str) -> str:
+        for position, char in enumerate(value, 1):
+            if unicodedata.category(char) in ("Cc", "Zl", "Zp") or char in _BIDI_CONTROLS:
+                raise ValueError(f"contains a control character (U+{ord(char):04X} at position {position}); "
+                                 "a run name is one line of printable text")
+        return value
 
     @field_validator("role")
     @classmethod
@@ -264,23 +276,7 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
     Relative paths inside the recipe stay relative to the working directory, as typed.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: recipe file not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a folder, not a recipe file") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read recipe ({exc.strerror})") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); a recipe is a YAML file") from None
-    try:
-        tree = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise UserError(f"{path}: unreadable YAML{where}: {problem}") from None
+    tree, text = read_yaml_file(path, "recipe")
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):
@@ -378,8 +374,10 @@ def _apply_override(tree: dict[str, Any], item: str, path: Path) -> None:
     if section in tree and not isinstance(tree[section], dict):
         raise UserError(f"{path}: {section}: must be a mapping")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = safe_load(raw) if raw.strip() else ""
+    except DuplicateKey as exc:
+        raise UserError(f"--set {item!r}: {exc}") from None
+    except (yaml.YAMLError, RecursionError):  # not YAML, or an alias (never expanded): the text as typed
         value = raw
     tree.setdefault(section, {})[field] = value
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
@@ -32,6 +31,7 @@ from nt_dist.errors import UserError
 from nt_dist.frozen_network import frozen_logits
 from nt_dist.models import create_model
 from nt_dist.rundir import RECIPE_FILE
+from nt_dist.yamlio import read_yaml_file
 
 __all__ = ["log_x", "plot_logits", "responses", "softmax_responses", "sweep_figure", "sweep_plot"]
 
@@ -76,8 +76,8 @@ def _recorded_data(model_file: Path) -> dict[str, Any]:
     """The ``data`` section of the run folder's ``resolved_recipe.yaml`` beside ``model_file``,
     or {} (a bare model file, or an unreadable recipe)."""
     try:
-        tree = yaml.safe_load((model_file.parent / RECIPE_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        tree, _ = read_yaml_file(model_file.parent / RECIPE_FILE, "recipe")
+    except UserError:  # no such file, unreadable, not YAML
         return {}
     data = tree.get("data") if isinstance(tree, dict) else None
     return data if isinstance(data, dict) else {}

@@ -26,12 +26,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from nt_dist.errors import UserError
 from nt_dist.formatting import mean_spread, signed
 from nt_dist.pipeline import BASELINE_ROW, KINDS, TEACHER_COLUMN, Pipeline, Stage
 from nt_dist.rundir import RESULTS_FILE
+from nt_dist.yamlio import parse_yaml
 
 NOTE = ("final-epoch top-1, mean ± sample std over {n} seed(s); in brackets: the change against the student "
         "baseline (a nasty teacher: against its normal teacher)")
@@ -94,7 +93,7 @@ class Table:
 def paper_tables() -> dict[str, Any]:
     """The paper's Tables 1-6 as shipped in the package (``nt_dist/paper_tables.yaml``)."""
     text = resources.files("nt_dist").joinpath("paper_tables.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text)
+    return parse_yaml(text, "nt_dist/paper_tables.yaml")
 
 
 def paper_cell(table: str, row: str, column: str) -> tuple[float, float | None] | None:

@@ -50,6 +50,7 @@ from nt_dist.config import Recipe, flatten, recipe_from_dict, recipe_to_dict
 from nt_dist.errors import UserError, warn
 from nt_dist.fileio import atomic_write_text
 from nt_dist.preflight import check_output_dir
+from nt_dist.yamlio import read_yaml_file
 
 RECIPE_FILE = "resolved_recipe.yaml"
 RESULTS_FILE = "metrics.json"
@@ -146,9 +147,9 @@ def _describe(differ: list[tuple[str, Any, Any]]) -> str:
 def _recorded_recipe(folder: Path) -> Recipe | None:
     path = folder / RECIPE_FILE
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        tree, _ = read_yaml_file(path, "recipe")
         return recipe_from_dict(tree, source=str(path)) if isinstance(tree, dict) else None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, UserError):
+    except UserError:  # unreadable, not a file, not YAML, not a valid recipe
         return None
 
 

@@ -80,6 +80,11 @@ def documented_errors() -> dict[str, str]:
     return rows
 
 
+# ten levels of nine aliases: 4,412,961,486 values once expanded, 0.3 KiB as text
+BILLION_LAUGHS = 'a: &a ["x","x","x","x","x","x","x","x","x"]\n' + "".join(
+    f"{new}: &{new} [{', '.join([f'*{old}'] * 9)}]\n" for old, new in zip("abcdefghi", "bcdefghij", strict=True))
+
+
 # docs/errors.md row -> (file name, file text or None for "no such file", extra environment)
 ERROR_CASES = {
     "unknown recipe key": ("bad.yaml", "nasty: {omgea: 0.1}\n", {}),
@@ -96,6 +101,10 @@ ERROR_CASES = {
     "`run.output_dir` is a file": ("recipe.yaml", "run: {output_dir: taken}\n", {}),
     "a tracking store that cannot work": ("recipe.yaml", "tracking: {uri: 'ftp://host/x'}\n", {}),
     "a pipeline file given to `nt-dist train`": ("pipe.yaml", "pipeline: t\n", {}),
+    "a key given twice in a recipe or pipeline file": ("dup.yaml", "optim:\n  lr: 0.1\n  lr: 0.2\n", {}),
+    'YAML aliases that expand without bound ("billion laughs")': ("bomb.yaml", BILLION_LAUGHS, {}),
+    "a recipe or pipeline file over 1 MiB": ("big.yaml", "#" * 2_000_000, {}),
+    "a run name with a control or bidi character": ("r.yaml", 'run: {name: "ab\\ncd"}\n', {}),
 }
 
 

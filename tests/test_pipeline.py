@@ -104,7 +104,7 @@ def test_a_self_student_takes_its_teachers_architecture_and_has_no_baseline(tmp_
     ({"students": {"MLP": {"recipe": "missing.yaml"}}}, "students.MLP.recipe: "),
     ({"seeds": "zero"}, "seeds: input should be a valid list"),
     ({"students": {"MLP": {"recipe": str(RECIPES / "digits_student.yaml"), "colour": 1}}},
-     "students.MLP.colour: extra inputs are not permitted"),
+     "students.MLP.colour: unknown key; expected one of: recipe, set, baseline, self, teachers"),
     ({"sweep": {"omega": [1, 2]}}, "sweep.omega: expected a recipe key section.key"),
 ])
 def test_mistakes_in_a_pipeline_file_are_one_line_naming_the_key(tmp_path: Path, change, expected):

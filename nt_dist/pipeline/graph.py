@@ -32,6 +32,7 @@ from nt_dist.pipeline.schema import (
     TeacherSpec,
     slug,
 )
+from nt_dist.yamlio import read_yaml_file, safe_load
 
 Sweep = tuple[tuple[str, Any], ...]
 
@@ -72,9 +73,9 @@ def _value_text(value: Any) -> str:
     """An override's value as ``--set`` reads it back (YAML): JSON for everything but plain strings."""
     if isinstance(value, str):
         try:
-            if yaml.safe_load(value) == value:
+            if safe_load(value) == value:
                 return value
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):  # not YAML, an alias, a key twice: quoted
             pass
     return json.dumps(value)
 
@@ -108,9 +109,9 @@ def _architecture(p: Pipeline, entry: TeacherSpec) -> str:
         if isinstance(overrides.get("model.name"), str):
             return overrides["model.name"]
     try:
-        tree = yaml.safe_load(p.recipe_path(entry.recipe).read_text(encoding="utf-8"))
+        tree, _ = read_yaml_file(p.recipe_path(entry.recipe), "recipe")
         return str(tree["model"]["name"])
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+    except (UserError, KeyError, TypeError):  # the stage's own run reports what is wrong with the file
         return ""
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
-import yaml
 from pydantic import ConfigDict, Field
 
 from nt_dist.errors import UserError
+from nt_dist.yamlio import read_yaml_file
 
 Kind = Literal["teacher", "nasty", "student", "baseline"]
 KINDS: tuple[str, ...] = ("teacher", "nasty", "student", "baseline")
@@ -81,6 +81,10 @@ class PipelineSpec(pydantic.BaseModel):
     slurm: dict[str, str | int] = Field(default_factory=dict)
 
 
+_ENTRIES: dict[str, type[pydantic.BaseModel]] = {"teachers": TeacherSpec, "nasty": NastySpec, "defences": DefenceSpec,
+                                                "students": StudentSpec, "sweep": SweepSpec}
+
+
 @dataclass(frozen=True)
 class Pipeline:
     """A validated pipeline file; paths of its recipes are absolute."""
@@ -108,28 +112,30 @@ def slug(text: str) -> str:
 def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
     """Read and validate a pipeline file; errors are one line naming the file and the key."""
     path = Path(path)
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: pipeline file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read the pipeline file ({exc})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}: unreadable YAML{where}") from None
+    tree, _ = read_yaml_file(path, "pipeline file")
     if not isinstance(tree, dict) or "pipeline" not in tree:
         raise UserError(f"{path}: not a pipeline file (expected a mapping with a `pipeline:` name; a recipe "
                         "runs with nt-dist train)")
     try:
         spec = PipelineSpec.model_validate(tree)
     except pydantic.ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("list[", "function-")))
-        raise UserError(f"{path}: {key}: {err['msg'][0].lower()}{err['msg'][1:]}") from None
+        raise UserError(f"{path}: {_describe(exc.errors())}") from None
     pipeline = Pipeline(spec, path.resolve())
     _check(pipeline, path)
     return pipeline
+
+
+def _describe(errors: list[Any]) -> str:
+    """The first error as ``key: problem``; an unknown key as the recipes say it, with the keys allowed."""
+    # a sweep entry is a list or a SweepSpec: for a mapping, the SweepSpec branch's error is the one that explains
+    err = next((e for e in errors if not (e["type"] == "list_type" and "list[any]" in e["loc"]
+                                          and isinstance(e["input"], dict))), errors[0])
+    loc = [str(p) for p in err["loc"] if not str(p).startswith(("list[", "function-")) and p != "SweepSpec"]
+    if err["type"] == "extra_forbidden":
+        model = PipelineSpec if len(loc) == 1 else _ENTRIES.get(loc[0]) if len(loc) == 3 else None
+        known = f"; expected one of: {', '.join(model.model_fields)}" if model else ""
+        return f"{'.'.join(loc)}: unknown key{known}"
+    return f"{'.'.join(loc)}: {err['msg'][0].lower()}{err['msg'][1:]}"
 
 
 def _check(p: Pipeline, path: Path) -> None:
@@ -200,8 +206,20 @@ def _check_folder_names(spec: PipelineSpec, path: Path) -> None:
 
 
 def _check_sweep_and_seeds(spec: PipelineSpec, path: Path) -> None:
-    for key in spec.sweep:
+    for key, entry in spec.sweep.items():
         if key.count(".") != 1:
             raise UserError(f"{path}: sweep.{key}: expected a recipe key section.key (e.g. nasty.omega)")
+        values = entry.values if isinstance(entry, SweepSpec) else entry
+        folders: dict[str, Any] = {}
+        for position, value in enumerate(values, 1):
+            if isinstance(value, (dict, list)):
+                kind = "a mapping" if isinstance(value, dict) else "a list"
+                raise UserError(f"{path}: sweep.{key}: value {position} is {kind}; a sweep value is one number, "
+                                "text or true/false")
+            name = slug(str(value))
+            if name in folders:
+                raise UserError(f"{path}: sweep.{key}: values {folders[name]!r} and {value!r} would share the "
+                                f"folder name {name!r}")
+            folders[name] = value
     if len(set(spec.seeds)) != len(spec.seeds) or any(s < 0 for s in spec.seeds):
         raise UserError(f"{path}: seeds: expected distinct non-negative integers, got {spec.seeds}")
