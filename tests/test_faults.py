@@ -78,10 +78,14 @@ def test_recipe_text_that_is_not_utf8_or_not_a_mapping(tmp_path: Path):
 
 
 def test_error_lines_stay_short_whatever_the_input(tmp_path: Path):
-    huge = "x" * 2_000_000
+    huge = "x" * 1_000_000  # just under the 1 MiB a recipe file may hold
     (tmp_path / "huge.yaml").write_text(f"optim:\n  lr: {huge}\n")
     line = one_error(nt("check", "huge.yaml", cwd=tmp_path))
     assert line.startswith("nt-dist: error: huge.yaml: optim.lr: input should be a valid number") and line.endswith("...")
+    assert len(line) <= 500
+    (tmp_path / "over.yaml").write_text(f"optim:\n  lr: {huge * 2}\n")
+    assert one_error(nt("check", "over.yaml", cwd=tmp_path)) == (
+        "nt-dist: error: over.yaml: 2000014 bytes; a recipe file is at most 1 MiB")
 
 
 # ----------------------------------------------------------------------------- paths and permissions
