@@ -167,7 +167,7 @@ def read_yaml_file(path: str | os.PathLike[str], what: str = "recipe") -> tuple[
     """The YAML tree of the file at ``path`` and its text. ``what`` names it in errors
     (``recipe``: "recipe file not found", "... a recipe is a YAML file")."""
     path = Path(path)
-    noun = what if what.endswith("file") else f"{what} file"
+    noun = _noun(what)
     try:
         info = os.stat(path)
         if stat.S_ISDIR(info.st_mode):
@@ -198,5 +198,9 @@ def _check_regular(path: Path, info: os.stat_result, what: str) -> None:
         kind = next((name for test, name in _KINDS if test(info.st_mode)), "an unknown kind of file")
         raise UserError(f"{path}: not a regular file ({kind}); a {what} is a YAML file")
     if info.st_size > MAX_BYTES:
-        noun = what if what.endswith("file") else f"{what} file"
-        raise UserError(f"{path}: {info.st_size} bytes; a {noun} is at most 1 MiB")
+        raise UserError(f"{path}: {info.st_size} bytes; a {_noun(what)} is at most 1 MiB")
+
+
+def _noun(what: str) -> str:
+    """``recipe`` -> ``recipe file``; ``pipeline file`` stays as it is."""
+    return what if what.endswith("file") else f"{what} file"
