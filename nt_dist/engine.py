@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from nt_dist.config import Recipe
-from nt_dist.errors import UserError
+from nt_dist.errors import UserError, warn
 
 
 def build_accelerator(recipe: Recipe, source: str = "<recipe>") -> Any:
@@ -44,9 +44,21 @@ def build_accelerator(recipe: Recipe, source: str = "<recipe>") -> Any:
     handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=10), **backend)]
     accelerator = Accelerator(cpu=not cuda and not deepspeed, mixed_precision=precision,
                               kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
+    warn_emulated_bf16(accelerator, precision, source)
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv kernels once
     return accelerator
+
+
+def warn_emulated_bf16(accelerator: Any, precision: str, source: str) -> None:
+    """bf16 on a device that only emulates it trains, but tens of times slower than fp32 and with
+    nothing said (a CPU without AVX512-BF16/AMX: one step of a Tiny-ImageNet ResNet-18 takes
+    minutes): one line, from the main process, with the fix."""
+    from nt_dist.frozen_network import native_bf16
+
+    if precision == "bf16" and accelerator.is_main_process and not native_bf16(accelerator.device):
+        warn(f"{source}: run.precision: bf16 is emulated on this {accelerator.device.type} (no native bf16), "
+             "often 10-60x slower than fp32; for a try on this machine add --set run.precision=no")
 
 
 def fill_deepspeed_config(accelerator: Any, recipe: Recipe) -> None:

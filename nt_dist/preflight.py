@@ -18,8 +18,12 @@ from nt_dist.config import Recipe
 from nt_dist.errors import UserError
 
 
-def validate(recipe: Recipe, source: str) -> None:
+def validate(recipe: Recipe, source: str, *, frozen_files: bool = False) -> None:
+    """``frozen_files``: the frozen network's model file must exist too (training: checked before
+    any data is read; ``nt-dist check`` leaves it out, so a chain can be checked before it runs)."""
     check_networks(recipe, source)
+    if frozen_files:
+        check_frozen_file(recipe, source)
     check_output_dir(Path(recipe.run.output_dir))
     if recipe.tracking.enabled:
         check_tracking_uri(recipe)
@@ -50,6 +54,23 @@ def check_networks(recipe: Recipe, source: str) -> None:
         except (RuntimeError, ValueError) as exc:
             raise UserError(f"{source}: data.image_size: {size} px does not fit {key} {name!r} "
                             f"({str(exc).splitlines()[0]})") from None
+
+
+def check_frozen_file(recipe: Recipe, source: str) -> None:
+    """The network the objective learns against (the nasty teacher's adversary, a student's
+    teacher) must have been trained before this run starts: say so before any data is decoded."""
+    from nt_dist.checkpoint import MODEL_FILE
+    from nt_dist.objectives import objective_for
+
+    frozen = objective_for(recipe).frozen
+    if frozen is None or not frozen.checkpoint(recipe):
+        return  # "required when run.role is ..." is said where the objective builds its step
+    path = Path(frozen.checkpoint(recipe))
+    model = path / MODEL_FILE if path.is_dir() or not path.suffix else path
+    if not model.is_file():
+        raise UserError(f"{source}: {frozen.checkpoint_key}: {model} not found: train the {frozen.kind} first "
+                        f"(a run with run.output_dir={path}), or run the whole chain as a pipeline "
+                        "(nt-dist pipeline, docs/pipelines.md)")
 
 
 def nearest_existing(path: Path) -> Path:

@@ -234,7 +234,7 @@ def train(recipe: Recipe, source: str = "<recipe>") -> dict[str, float]:
         if launched()[0] == 0:
             console.print_finished(recipe, folder.results)
         return folder.results["final"]
-    preflight.validate(recipe, source)
+    preflight.validate(recipe, source, frozen_files=True)  # the adversary/teacher too: before any data
     run = setup(recipe, source)
     status = "FAILED"
     try:

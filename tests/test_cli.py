@@ -48,7 +48,7 @@ def test_bad_recipes_fail_in_one_line(tmp_path: Path, text: str, needles: list[s
 
 def test_missing_data_root_names_the_path(tmp_path: Path):
     missing = tmp_path / "nowhere"
-    proc = nt("train", str(REPO / "recipes" / "tinyimagenet_nasty.yaml"), "--set", f"data.root={missing}",
+    proc = nt("train", str(REPO / "recipes" / "paper" / "tinyimagenet" / "teacher.yaml"), "--set", f"data.root={missing}",
               "--set", f"run.output_dir={tmp_path / 'out'}", "--set", "run.precision=no", cwd=tmp_path)
     assert_one_line_error(proc, str(missing))
     assert not (tmp_path / "out").exists()
@@ -104,6 +104,8 @@ ERROR_CASES = {
     "a key given twice in a recipe or pipeline file": ("dup.yaml", "optim:\n  lr: 0.1\n  lr: 0.2\n", {}),
     'YAML aliases that expand without bound ("billion laughs")': ("bomb.yaml", BILLION_LAUGHS, {}),
     "a recipe or pipeline file over 1 MiB": ("big.yaml", "#" * 2_000_000, {}),
+    "a nasty recipe whose adversary was not trained yet": (
+        "recipe.yaml", "run: {role: nasty}\nnasty: {adversary_checkpoint: runs/t}\ntracking: {enabled: false}\n", {}),
     "a run name with a control or bidi character": ("r.yaml", 'run: {name: "ab\\ncd"}\n', {}),
 }
 

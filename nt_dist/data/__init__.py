@@ -163,3 +163,16 @@ def check_batch(cfg: DataConfig, train_size: int, world: int) -> None:
     if train_size < cfg.batch_size * world:
         raise UserError(f"data.batch_size: {cfg.batch_size} x {world} processes exceeds the "
                         f"{train_size} training images")
+
+
+def usable_workers(requested: int) -> int:
+    """``data.num_workers``, capped at this process's share of the cores it may run on (a recipe
+    written for an 8-GPU node asks for 8 workers per process; on a 2-core laptop that is 16
+    processes fighting for 2 cores, and torch warns about it on every loader)."""
+    import os
+
+    if requested <= 0:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(requested, cores // local))

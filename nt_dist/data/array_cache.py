@@ -306,6 +306,8 @@ def _write(entry: Entry, dataset: Any, transform: Callable[[Any], torch.Tensor],
     temporary folder removed) for :func:`ensure` to name."""
     for dead in entry.folder.parent.glob(entry.folder.name + ".tmp-*"):  # under the lock: writers that died
         shutil.rmtree(dead, ignore_errors=True)
+    from nt_dist.data import usable_workers
+
     temporary = entry.folder.with_name(f"{entry.folder.name}.tmp-{os.getpid()}")
     try:
         temporary.mkdir()
@@ -314,7 +316,8 @@ def _write(entry: Entry, dataset: Any, transform: Callable[[Any], torch.Tensor],
         labels = np.empty(entry.count, dtype=np.int64)
         # its own generator: drawing the workers' base seed from the global RNG would change the
         # model's initialisation in a run that decodes against one that reads the cache
-        loader = torch.utils.data.DataLoader(_Decoded(dataset, transform), batch_size=256, num_workers=workers,
+        loader = torch.utils.data.DataLoader(_Decoded(dataset, transform), batch_size=256,
+                                             num_workers=usable_workers(workers),
                                              generator=torch.Generator().manual_seed(0))
         start = 0
         for batch, targets in loader:

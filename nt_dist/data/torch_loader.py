@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader
 
-from nt_dist.data import DataBundle, build_splits, check_batch, num_classes_of
+from nt_dist.data import DataBundle, build_splits, check_batch, num_classes_of, usable_workers
 from nt_dist.data.transforms import Normalise, build_transform, sample_seed
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ class TorchEvalSource(RankSource):
 
 
 def _loader(dataset: Any, batches: Sequence[Sequence[Any]], workers: int, device: torch.device) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+    return DataLoader(dataset, batch_sampler=batches, num_workers=usable_workers(workers),
                       pin_memory=device.type == "cuda", persistent_workers=False)
 
 
