@@ -71,22 +71,46 @@ def on_every_rank(accelerator: Any, make: Callable[[], Any]) -> Any:
 class Preemption:
     """SIGTERM/SIGUSR1 (a scheduler's warning) and SIGINT (Ctrl-C) set a flag; the loop
     checkpoints at the next step boundary and exits with ``EXIT_PREEMPTED`` (130 for Ctrl-C).
-    A second Ctrl-C stops at once. All ranks agree through one all-reduce per step."""
+    A second Ctrl-C stops at once. All ranks agree through one all-reduce per step.
+
+    A launcher that is stopped kills its workers a few seconds after it forwards the signal
+    (accelerate: 5 s), and one step can take longer than that: ``on_stall`` is called once,
+    from a watchdog thread, when the step boundary has not been reached ``stall_s`` after the
+    signal (the run tells MLflow it was KILLED, so no store keeps a RUNNING run whose process is
+    gone). Called from a thread, not from the handler: a handler interrupts the main thread
+    wherever it is, perhaps holding the very lock the call needs."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, on_stall: Callable[[], None] | None = None, stall_s: float = 2.0) -> None:
         self.requested = False
         self.interrupted = False
+        self.on_stall, self.stall_s = on_stall, stall_s
         self._previous: dict[int, Any] = {}
+        self._signalled_at = 0.0
+        self._watching = False
 
     def install(self) -> None:
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        if self.on_stall is not None:
+            import threading
+
+            self._watching = True
+            threading.Thread(target=self._watch, name="nt-dist-preemption", daemon=True).start()
 
     def uninstall(self) -> None:
+        self._watching = False
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def _watch(self) -> None:
+        while self._watching:
+            time.sleep(0.2)
+            if self._signalled_at and time.monotonic() - self._signalled_at >= self.stall_s and self._watching:
+                self._watching = False
+                if self.on_stall is not None:
+                    self.on_stall()
 
     def _handle(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT:
@@ -94,6 +118,7 @@ class Preemption:
                 raise KeyboardInterrupt
             self.interrupted = True
         self.requested = True
+        self._signalled_at = self._signalled_at or time.monotonic()
 
     def agreed(self, accelerator: Any) -> bool:
         if accelerator.num_processes == 1:
