@@ -153,8 +153,10 @@ def test_slurm_script_checkpoints_requeues_and_resumes_on_usr1(tmp_path: Path):
     out = tmp_path / "run"
     overrides = tiny_overrides(out, "teacher", **{"run.epochs": "40", "tracking.enabled": "false",
                                                   "run.checkpoint_every_steps": "2"})
-    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost",
+    # a job id of this test alone: USR1 goes to the processes of that job, and to no other test's
+    job_id = str(4_000_000 + os.getpid())
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "NT_PYTHON": sys.executable,
+           "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_ID": job_id, "SLURM_JOB_NODELIST": "localhost",
            "NT_GPUS_PER_NODE": "2", "NT_ACCELERATE_CONFIG": str(CLUSTER / "cpu_2proc.yaml"),
            "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
     job = [str(CLUSTER / "slurm" / "train.sbatch"), str(REPO / "recipes" / "digits_teacher.yaml"), *args(overrides)]
@@ -167,7 +169,9 @@ def test_slurm_script_checkpoints_requeues_and_resumes_on_usr1(tmp_path: Path):
     first.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@300` does
     stdout, stderr = first.communicate(timeout=240)
     assert first.returncode == 0, stderr[-3000:]
-    assert log.read_text().split() == ["requeue", "4242"]
+    assert log.read_text().split() == ["requeue", job_id]
+    # the two workers, found by their job id, not the accelerate launcher between them and srun
+    assert stderr.count("nt-dist: SIGUSR1 -> training process ") == 2, stderr[-3000:]
     assert "preempted: checkpoint saved" in stderr
     assert not (out / "metrics.json").exists()
     stopped_at = max(int(p.name.removeprefix("step_")) for p in (out / "checkpoints").glob("step_*"))

@@ -216,7 +216,7 @@ def test_dry_run_prints_each_stage_through_the_launcher(tmp_path: Path):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "seed0/teacher/cnn-normal" and "(after seed0/teacher/cnn-normal)" in lines[2]
-    assert f"launch --config_file {REPO / 'cluster/cpu_2proc.yaml'} -m nt_dist.train" in lines[1]
+    assert f"launch -q --config_file {REPO / 'cluster/cpu_2proc.yaml'} -m nt_dist.train" in lines[1]
     assert not (tmp_path / "runs").exists()
 
 
@@ -240,7 +240,9 @@ def test_submit_slurm_chains_each_stage_to_its_inputs(tmp_path: Path):
     assert proc.returncode == 0, proc.stderr
     calls = log.read_text().splitlines()
     assert len(calls) == 5 and all(c.startswith(f"{launcher}|--parsable ") for c in calls)
-    assert "--time=01:00:00 --nodes=1" in calls[0] and "--dependency" not in calls[0]
+    # the block's nodes and time; a GPU and its share of CPUs from cluster/single_gpu.yaml
+    assert "--nodes=1 --ntasks-per-node=1 --gpus-per-node=1 --cpus-per-task=8 --time=01:00:00" in calls[0]
+    assert "--dependency" not in calls[0]
     assert "--dependency=afterok:100 --kill-on-invalid-dep=yes" in calls[1]  # nasty after its adversary
     assert "--dependency=afterok:101 " in calls[4]  # the nasty teacher's student after the nasty teacher
     assert f"cluster/slurm/train.sbatch {RECIPES / 'digits_nasty.yaml'} --set " in calls[1]

@@ -95,7 +95,8 @@ def stage_command(stage: Stage, launcher: str) -> list[str]:
     if launcher == "local":
         return [sys.executable, *args]
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-    return [accelerate, "launch", "--config_file", str(Path(launcher).resolve()), *args]
+    # -q: a failed stage ends its log with the nt-dist: error: line, not the launcher's traceback
+    return [accelerate, "launch", "-q", "--config_file", str(Path(launcher).resolve()), *args]
 
 
 def _train_here(stage: Stage) -> dict[str, Any]:

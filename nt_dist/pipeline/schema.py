@@ -64,6 +64,37 @@ class SweepSpec(pydantic.BaseModel):
     stages: list[Kind] | None = None
 
 
+class SlurmResources(pydantic.BaseModel):
+    """What ``--submit slurm`` asks ``sbatch`` for; a key left out comes from the stage's launcher
+    config (nodes, GPUs per node) or the defaults of :mod:`nt_dist.pipeline.slurm`. A key may be
+    written ``gpus-per-node`` as sbatch spells it."""
+
+    model_config = _STRICT
+    nodes: int | None = Field(default=None, ge=1)
+    gpus_per_node: int | None = Field(default=None, ge=0)
+    cpus_per_task: int | None = Field(default=None, ge=1)
+    time: str | int | None = None  # text: an unquoted 12:00:00 is the YAML integer 43200 (checked in _check_slurm)
+    partition: str | None = Field(default=None, min_length=1)
+    account: str | None = Field(default=None, min_length=1)
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _sbatch_spelling(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k.replace("-", "_") if isinstance(k, str) and k.replace("-", "_") in cls.model_fields else k: v
+                    for k, v in value.items()}
+        return value
+
+
+class SlurmStageSpec(SlurmResources):
+    launcher: str | None = Field(default=None, min_length=1)  # an accelerate config for these stages' jobs
+
+
+class SlurmSpec(SlurmResources):
+    # per stage kind (teacher, nasty, student, baseline) or entry (teachers.<label>, students.<label>, ...)
+    stages: dict[str, SlurmStageSpec] = Field(default_factory=dict)
+
+
 class PipelineSpec(pydantic.BaseModel):
     model_config = _STRICT
     pipeline: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -78,7 +109,7 @@ class PipelineSpec(pydantic.BaseModel):
     defences: dict[str, DefenceSpec] = Field(default_factory=dict)
     students: dict[str, StudentSpec] = Field(default_factory=dict)
     sweep: dict[str, list[Any] | SweepSpec] = Field(default_factory=dict)
-    slurm: dict[str, str | int] = Field(default_factory=dict)
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
 
 
 _ENTRIES: dict[str, type[pydantic.BaseModel]] = {"teachers": TeacherSpec, "nasty": NastySpec, "defences": DefenceSpec,
@@ -132,10 +163,19 @@ def _describe(errors: list[Any]) -> str:
                                           and isinstance(e["input"], dict))), errors[0])
     loc = [str(p) for p in err["loc"] if not str(p).startswith(("list[", "function-")) and p != "SweepSpec"]
     if err["type"] == "extra_forbidden":
-        model = PipelineSpec if len(loc) == 1 else _ENTRIES.get(loc[0]) if len(loc) == 3 else None
+        model = _model_at(loc)
         known = f"; expected one of: {', '.join(model.model_fields)}" if model else ""
         return f"{'.'.join(loc)}: unknown key{known}"
     return f"{'.'.join(loc)}: {err['msg'][0].lower()}{err['msg'][1:]}"
+
+
+def _model_at(loc: list[str]) -> type[pydantic.BaseModel] | None:
+    """The model whose unknown key ``loc`` names (to list the keys it allows)."""
+    if len(loc) == 1:
+        return PipelineSpec
+    if loc[0] == "slurm":
+        return SlurmSpec if len(loc) == 2 else SlurmStageSpec if len(loc) == 4 and loc[1] == "stages" else None
+    return _ENTRIES.get(loc[0]) if len(loc) == 3 else None
 
 
 def _check(p: Pipeline, path: Path) -> None:
@@ -145,6 +185,7 @@ def _check(p: Pipeline, path: Path) -> None:
     _check_entries(p, path)
     _check_folder_names(p.spec, path)
     _check_sweep_and_seeds(p.spec, path)
+    _check_slurm(p.spec, path)
 
 
 def _rows(spec: PipelineSpec) -> list[str]:
@@ -223,3 +264,26 @@ def _check_sweep_and_seeds(spec: PipelineSpec, path: Path) -> None:
             folders[name] = value
     if len(set(spec.seeds)) != len(spec.seeds) or any(s < 0 for s in spec.seeds):
         raise UserError(f"{path}: seeds: expected distinct non-negative integers, got {spec.seeds}")
+
+
+SLURM_TIME = re.compile(r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2}|UNLIMITED|INFINITE)$")
+SLURM_ENTRY_SECTIONS = ("teachers", "nasty", "students")
+
+
+def _check_slurm(spec: PipelineSpec, path: Path) -> None:
+    """``slurm.stages`` keys name a stage kind or an entry; ``time`` is sbatch's text."""
+    for key, entry in [("slurm", spec.slurm), *((f"slurm.stages.{k}", v) for k, v in spec.slurm.stages.items())]:
+        if isinstance(entry.time, int):
+            raise UserError(f"{path}: {key}.time: {entry.time} is a number; write sbatch's time as quoted text, "
+                            'e.g. "12:00:00" (YAML reads an unquoted 12:00:00 as the integer 43200)')
+        if entry.time is not None and not SLURM_TIME.match(entry.time):
+            raise UserError(f"{path}: {key}.time: {entry.time!r}: expected sbatch's MINUTES, HH:MM:SS or "
+                            "DAYS-HH:MM:SS")
+    for key, entry in spec.slurm.stages.items():
+        section, _, label = key.partition(".")
+        if key not in KINDS and not (section in SLURM_ENTRY_SECTIONS and label in getattr(spec, section)):
+            raise UserError(f"{path}: slurm.stages.{key}: not a stage kind ({', '.join(KINDS)}) nor an entry "
+                            "(teachers.<label>, nasty.<label>, students.<label>)")
+        if entry.launcher == "local":
+            raise UserError(f"{path}: slurm.stages.{key}.launcher: a SLURM job needs an accelerate config "
+                            "(e.g. cluster/single_gpu.yaml), not local")
