@@ -8,22 +8,23 @@ student is trained alone. The battery is an ordinary pipeline file (``<out>/audi
 are the given models, columns the attacks), run by the same pipeline and launcher code as the
 paper's tables, so ``--parallel``, ``--launcher`` and resuming behave as they do there.
 
-For each attack, the **protection margin** of a row is how far below the better of the
-reference-taught student and the student alone its stolen student lands::
+For each attack, the **protection margin** of a row is how far below the student the same
+attack steals from the reference its stolen student lands::
 
-    margin = max(top1(student ← reference), top1(student alone)) − top1(student ← row)
+    margin = top1(student ← reference, attack) − top1(student ← row, attack)
 
-positive: the row withholds what the attack wants; negative: the attack wins. The verdict per
-attack reads the margin of the teacher under audit against ``--threshold`` (points). The
-teachers' own cost is their test top-1 as released (through the defence, for defence rows)
-against the reference's.
+positive: the row withholds what the attack takes from a normal teacher; zero or negative: it
+withholds nothing. The student alone is reported beside it for scale (a data-free attack far
+below it is weak on any teacher, which says nothing of the teacher). The verdict per attack
+reads the margin of the teacher under audit against ``--threshold`` (points), and the report's
+first line counts them: ``protected against N of M attacks; weak against …``. The teachers' own
+cost is their test top-1 as released (through the defence, for defence rows) against the
+reference's. The report itself (margins, verdicts, Markdown, CSV, chart) is
+:mod:`nt_dist.audit_render`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,13 +33,24 @@ import torch
 import yaml
 
 from nt_dist import objectives
+from nt_dist.audit_render import (
+    ALONE,
+    AUDITED,
+    REFERENCE,
+    Protection,
+    bar_chart,
+    bottom_line,
+    csv_text,
+    markdown,
+    protections,
+    verdict,
+)
 from nt_dist.errors import UserError, say
-from nt_dist.formatting import mean_spread, signed
+
+__all__ = ["ALONE", "AUDITED", "REFERENCE", "AuditPlan", "Protection", "bar_chart", "bottom_line", "check",
+           "csv_text", "markdown", "protections", "run_audit", "verdict"]
 
 DEFENCES = ("stingy", "noise")
-REFERENCE = "reference"
-AUDITED = "under audit"
-ALONE = "alone"
 
 
 @dataclass(frozen=True)
@@ -247,131 +259,6 @@ def released_top1s(recipe: Any, rows: dict[str, tuple[Path, str, dict[str, Any]]
     return scores
 
 
-# ----------------------------------------------------------------------------- the report
-
-
-@dataclass(frozen=True)
-class Protection:
-    attack: str
-    alone: list[float]
-    stolen: dict[str, list[float]]  # row label -> the stolen student's top-1 per seed
-
-    def mean(self, row: str) -> float | None:
-        values = self.stolen.get(row)
-        return statistics.fmean(values) if values else None
-
-    @property
-    def bar(self) -> float | None:
-        """The better of the reference-taught student and the student alone."""
-        known = [v for v in (self.mean(REFERENCE), statistics.fmean(self.alone) if self.alone else None)
-                 if v is not None]
-        return max(known) if known else None
-
-    def margin(self, row: str) -> float | None:
-        stolen, bar = self.mean(row), self.bar
-        return None if stolen is None or bar is None else bar - stolen
-
-
-def protections(results: list[Any], columns: list[str]) -> list[Protection]:
-    """One :class:`Protection` per attack column, from the pipeline's results."""
-    alone = [r.top1 for r in results if r.kind == "baseline" and r.column == ALONE]
-    out = []
-    for column in columns:
-        stolen: dict[str, list[float]] = {}
-        for r in results:
-            if r.kind == "student" and r.column == column:
-                stolen.setdefault(r.row, []).append(r.top1)
-        out.append(Protection(column, alone, stolen))
-    return out
-
-
-def verdict(p: Protection, threshold: float, row: str = AUDITED) -> str:
-    margin = p.margin(row)
-    if margin is None:
-        return "no result yet"
-    reference, stolen = p.mean(REFERENCE), p.mean(row)
-    # what the row itself withholds, beside the margin (a data-free attack may fail on the reference too)
-    gap = "" if reference is None or stolen is None else f" ({reference - stolen:.2f} below the reference-taught)"
-    if margin >= threshold:
-        return f"protected: the stolen student lands {margin:.2f} points below the best legitimate student{gap}"
-    if margin > 0:
-        return f"weak: only {margin:.2f} points below the best legitimate student{gap} (threshold {threshold:g})"
-    return f"not protected: the attack wins by {-margin:.2f} points{gap}"
-
-
-def markdown(plan: AuditPlan, student: str, dataset: str, teachers: dict[str, float], rows: list[str],
-             table: list[Protection], seeds: int) -> str:
-    reference = teachers.get(REFERENCE)
-    lines = [f"### Protection audit: {plan.teacher} (under audit) vs {plan.reference} (reference)", "",
-             f"Student `{student}` on `{dataset}`, {seeds} seed(s); test top-1 in percent, mean ± sample std over "
-             "seeds. Margin: the better of the reference-taught student and the student alone, minus the "
-             f"stolen student (positive: protected; verdict threshold {plan.threshold:g} points).", "",
-             "| teacher | top-1 as released | cost vs reference |", "|---|---|---|"]
-    for row in rows:
-        top1 = teachers.get(row)
-        cost = None if top1 is None or reference is None or row == REFERENCE else top1 - reference
-        lines.append(f"| {row} | {'–' if top1 is None else f'{top1:.2f}'} | {signed(cost)} |")
-    protected = [r for r in rows if r != REFERENCE]
-    header = ["attack", "student alone", f"from {REFERENCE}"]
-    for row in protected:
-        header += [f"from {row}", f"margin ({row})"]
-    header.append("verdict (under audit)")
-    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for p in table:
-        cells = [p.attack, mean_spread(p.alone), mean_spread(p.stolen.get(REFERENCE))]
-        for row in protected:
-            cells += [mean_spread(p.stolen.get(row)), signed(p.margin(row))]
-        cells.append(verdict(p, plan.threshold))
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *[f"- **{p.attack}**: {verdict(p, plan.threshold)}" for p in table]]
-    return "\n".join(lines) + "\n"
-
-
-def csv_text(teachers: dict[str, float], rows: list[str], table: list[Protection]) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["attack", "row", "n", "mean", "std", "margin", "values"])
-    for row in rows:
-        if row in teachers:
-            writer.writerow(["(teacher)", row, 1, f"{teachers[row]:.4f}", "0.0000", "", f"{teachers[row]:.2f}"])
-    for p in table:
-        entries = [(ALONE, p.alone), *[(row, p.stolen.get(row, [])) for row in rows]]
-        for row, values in entries:
-            if not values:
-                continue
-            margin = p.margin(row) if row not in (ALONE, REFERENCE) else None
-            writer.writerow([p.attack, row, len(values), f"{statistics.fmean(values):.4f}",
-                             f"{statistics.stdev(values) if len(values) > 1 else 0.0:.4f}",
-                             "" if margin is None else f"{margin:.4f}", " ".join(f"{v:.2f}" for v in values)])
-    return out.getvalue()
-
-
-def bar_chart(table: list[Protection], rows: list[str], path: Path, title: str) -> Path:
-    """Grouped bars: per attack, the student alone and the student stolen from each row."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    series = [(ALONE, [statistics.fmean(p.alone) if p.alone else 0.0 for p in table])]
-    series += [(row, [p.mean(row) or 0.0 for p in table]) for row in rows]
-    figure = Figure(figsize=(max(6.0, 1.3 * len(table) + 2), 4.2))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    width = 0.8 / len(series)
-    for i, (label, values) in enumerate(series):
-        axes.bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(table))], values, width,
-                 label=f"student {label}" if label == ALONE else f"from {label}")
-    axes.set_xticks(range(len(table)), [p.attack for p in table], rotation=20, ha="right", fontsize=8)
-    axes.set_ylabel("stolen student's test top-1 (%)")
-    low = min([v for _, vs in series for v in vs if v > 0] or [0.0])
-    axes.set_ylim(max(0.0, low - 10.0), 100.0)
-    axes.set_title(title, fontsize=9)
-    axes.legend(fontsize=7, loc="lower left")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    return path
-
-
 # ----------------------------------------------------------------------------- the command
 
 
@@ -400,18 +287,19 @@ def run_audit(plan: AuditPlan, *, parallel: int = 1, launcher: str | None = None
     rows = list(models)
     teachers = released_top1s(recipe, models)
     table = protections(results, list(attack_columns(plan)))
-    text = markdown(plan, student, recipe.data.name, teachers, rows, table, len(plan.seeds))
+    text = markdown(plan, student, recipe.data.name, teachers, rows, table, len(plan.seeds))  # the bottom line first
     folder = plan.out / "report"
     folder.mkdir(parents=True, exist_ok=True)
     files = [folder / "audit.md", folder / "audit.csv", folder / "audit.png"]
     atomic_write_text(files[0], text)
     atomic_write_text(files[1], csv_text(teachers, rows, table))
-    bar_chart(table, rows, files[2], f"{plan.name}: {Path(plan.teacher).name} vs {Path(plan.reference).name}")
+    bar_chart(table, rows, files[2], f"{plan.name}: {Path(plan.teacher).name} vs {Path(plan.reference).name}",
+              bottom_line(table, plan.threshold))
     print("\n" + text)
     where = ""
     enabled, uri = report.tracking_of(spec, stages)
     if log and enabled:
         run_id = report.log_to_mlflow(files, spec.experiment, uri, plan.name, "", text)
         where = f"; MLflow run {plan.name}/report ({run_id}) in experiment {spec.experiment}"
-    say(f"nt-dist audit: report in {folder}{where}")
+    say(f"nt-dist audit: {bottom_line(table, plan.threshold)}; report in {folder}{where}")
     return pipeline.exit_code(outcomes)

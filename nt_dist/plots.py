@@ -2,8 +2,10 @@
 
 :func:`plot_logits` draws Fig. 1 of Ma et al. (ICLR 2021, "Undistillable"): for a few
 evaluation images, the temperature softmax ``softmax(logits / tau)`` of a normal teacher next
-to that of a nasty one. The numbers behind the picture come from :func:`responses` (and the
-pure :func:`softmax_responses`), so they can be checked without looking at pixels.
+to that of a nasty one, at the nasty teacher's own τ_A unless told otherwise
+(:func:`nasty_tau`), each teacher's wrong top-1 marked. The numbers behind the picture come
+from :func:`responses` (and the pure :func:`softmax_responses`, :func:`misclassified`), so they
+can be checked without looking at pixels; the PNG's metadata repeats them (:func:`logits_metadata`).
 :func:`sweep_plot` draws accuracy-versus-hyperparameter lines with error bars.
 
 Figures are built on :class:`matplotlib.figure.Figure` with an Agg canvas: no pyplot, no global
@@ -33,12 +35,15 @@ from nt_dist.models import create_model
 from nt_dist.rundir import RECIPE_FILE
 from nt_dist.yamlio import read_yaml_file
 
-__all__ = ["log_x", "plot_logits", "responses", "softmax_responses", "sweep_figure", "sweep_plot"]
+__all__ = ["log_x", "misclassified", "nasty_tau", "plot_logits", "responses", "softmax_responses", "sweep_figure",
+           "sweep_plot"]
 
 Point = tuple[float, float, float]  # (x, mean, std)
 
 LOG_X_RATIO = 50.0  # a sweep whose positive x span this factor or more gets a log x axis
 HIGHLIGHT, PLAIN = "tab:red", "tab:gray"
+DEFAULT_TAU = 4.0  # the paper's τ_A on CIFAR-10, for a nasty teacher that records none
+ROLES = ("normal", "nasty")
 
 
 # ============================================================================ numbers
@@ -47,9 +52,13 @@ HIGHLIGHT, PLAIN = "tab:red", "tab:gray"
 def softmax_responses(logits: Tensor, tau: float) -> Tensor:
     """``softmax(logits / tau)`` over the last dimension, in fp32: the responses a student
     distilling at temperature ``tau`` sees."""
+    return torch.softmax(logits.float() / _checked_tau(tau), dim=-1)
+
+
+def _checked_tau(tau: Any) -> float:
     if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
         raise UserError(f"--tau: must be a positive number, got {tau!r}")
-    return torch.softmax(logits.float() / tau, dim=-1)
+    return float(tau)
 
 
 def pick_indices(targets: Sequence[int], count: int, seed: int) -> list[int]:
@@ -72,15 +81,48 @@ def pick_indices(targets: Sequence[int], count: int, seed: int) -> list[int]:
     return chosen
 
 
-def _recorded_data(model_file: Path) -> dict[str, Any]:
-    """The ``data`` section of the run folder's ``resolved_recipe.yaml`` beside ``model_file``,
-    or {} (a bare model file, or an unreadable recipe)."""
+def misclassified(labels: Tensor, logits: Tensor) -> list[int]:
+    """The rows whose top-1 (argmax of ``logits``, [N, classes]) is not ``labels`` ([N])."""
+    return [int(i) for i in (logits.argmax(dim=-1) != labels).nonzero().flatten()]
+
+
+def _recorded(model_file: Path, section: str) -> dict[str, Any]:
+    """A section of the run folder's ``resolved_recipe.yaml`` beside ``model_file``, or {} (a
+    bare model file, or an unreadable recipe)."""
     try:
         tree, _ = read_yaml_file(model_file.parent / RECIPE_FILE, "recipe")
     except UserError:  # no such file, unreadable, not YAML
         return {}
-    data = tree.get("data") if isinstance(tree, dict) else None
-    return data if isinstance(data, dict) else {}
+    found = tree.get(section) if isinstance(tree, dict) else None
+    return found if isinstance(found, dict) else {}
+
+
+def _recorded_data(model_file: Path) -> dict[str, Any]:
+    return _recorded(model_file, "data")
+
+
+def nasty_tau(nasty: Path, tau: float | None = None) -> tuple[float, str]:
+    """The τ to draw at and where it came from, for the title: ``tau`` when given (``--tau``);
+    else the τ_A the nasty teacher was trained with, from its model file's metadata (``tau_a``)
+    or, in its run folder, ``nasty.tau`` of ``resolved_recipe.yaml`` when that run's
+    ``run.role`` is nasty; else 4.0, the paper's CIFAR-10 τ_A. A corrupt ``tau_a`` is a UserError."""
+    if tau is not None:
+        return _checked_tau(tau), "--tau"
+    model_file = resolve_model_file(str(nasty), "nasty")
+    recorded = read_model_metadata(model_file, "nasty").get("tau_a")
+    if recorded is not None:
+        try:
+            value = float(recorded)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"nasty: {model_file}: corrupt metadata: tau_a is {recorded!r}, not a positive number")
+        return value, "the nasty teacher's τ_A, from its metadata"
+    if _recorded(model_file, "run").get("role") == "nasty":
+        value = _recorded(model_file, "nasty").get("tau")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+            return float(value), f"the nasty teacher's τ_A, nasty.tau of its {RECIPE_FILE}"
+    return DEFAULT_TAU, "default: the nasty teacher records no τ_A; --tau sets it"
 
 
 def _describe_model(model_file: Path, key: str) -> dict[str, Any]:
@@ -129,9 +171,10 @@ def _protocol(augment: Any) -> str | None:
     return None if augment is None else ("rrc" if augment == "rrc_flip" else "resize")
 
 
-def responses(normal: Path, nasty: Path, *, tau: float = 4.0, count: int = 4, data_root: str = "",
+def responses(normal: Path, nasty: Path, *, tau: float | None = None, count: int = 4, data_root: str = "",
               split: str = "", seed: int = 0) -> dict[str, Any]:
-    """Both teachers' temperature-softmax responses on ``count`` evaluation images.
+    """Both teachers' temperature-softmax responses on ``count`` evaluation images, at ``tau``
+    (None: the nasty teacher's own τ_A, see :func:`nasty_tau`).
 
     ``normal``/``nasty`` are run folders or ``model.safetensors`` files of exported teachers;
     they must agree on data set, class count and image size. The data set comes from their
@@ -143,9 +186,12 @@ def responses(normal: Path, nasty: Path, *, tau: float = 4.0, count: int = 4, da
     Returns a dict: ``indices`` (into the split), ``labels`` ([N] int64), ``images`` (the
     normalised [N, 3, H, W] network input), ``pixels`` ([N, H, W, 3] uint8, what is shown),
     ``normal_logits``/``nasty_logits`` and ``normal_probs``/``nasty_probs`` ([N, classes]),
-    ``class_names``, ``tau``, ``dataset``, ``split``.
+    ``normal_wrong``/``nasty_wrong`` (the rows whose top-1 is not the label), ``class_names``,
+    ``tau`` and ``tau_source`` (what chose it), ``dataset``, ``split``.
     """
     files = resolve_model_file(str(normal), "normal"), resolve_model_file(str(nasty), "nasty")
+    tau, tau_source = nasty_tau(files[1], tau)
+    _checked_tau(tau)  # a bad --tau fails before any data is read
     common = _agree(normal, nasty, _describe_model(files[0], "normal"), _describe_model(files[1], "nasty"))
     name = common["dataset"]
     spec = DATASETS.get(name)
@@ -165,58 +211,90 @@ def responses(normal: Path, nasty: Path, *, tau: float = 4.0, count: int = 4, da
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
     result: dict[str, Any] = {"indices": indices, "labels": labels, "images": images,
                               "pixels": pixels.permute(0, 2, 3, 1).contiguous(), "class_names": list(dataset.classes),
-                              "tau": float(tau), "dataset": name, "split": split}
-    for role, file in zip(("normal", "nasty"), files, strict=True):
+                              "tau": tau, "tau_source": tau_source, "dataset": name, "split": split}
+    for role, file in zip(ROLES, files, strict=True):
         network, _ = load_frozen_model("", str(file), classes, role, create_model)
         logits = frozen_logits(network.cpu().float(), images, "fp32")
         result[f"{role}_logits"] = logits
         result[f"{role}_probs"] = softmax_responses(logits, tau)
+        result[f"{role}_wrong"] = misclassified(labels, logits)
     return result
 
 
 # ============================================================================ figures
 
 
+def _class_name(names: list[str], index: int) -> str:
+    return names[index] if index < len(names) else str(index)
+
+
 def logits_figure(data: dict[str, Any]) -> Figure:
     """One row per image: the image, then the normal and the nasty teacher's responses as bars,
-    the true class in red; both bar charts of a row share their y scale."""
+    the true class in red; both bar charts of a row share their y scale. A teacher whose top-1
+    is wrong gets its top-1 bar edged in red and a red "✗ top-1: <class>" under its panel."""
     n, classes = data["normal_probs"].shape
     tau, names = data["tau"], data["class_names"]
     bars = min(max(0.25 * classes, 3.0), 7.0)  # inches per bar chart
-    fig = Figure(figsize=(1.8 + 2 * bars, 1.9 * n + 0.6), layout="constrained")
+    fig = Figure(figsize=(1.8 + 2 * bars, 1.9 * n + 0.8), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(n, 3, squeeze=False, gridspec_kw={"width_ratios": [1.0, 3.0, 3.0]})
     for row in range(n):
         label = int(data["labels"][row])
-        shown = names[label] if label < len(names) else str(label)
         image_ax = axes[row][0]
         image_ax.imshow(data["pixels"][row].numpy(), interpolation="nearest")
-        image_ax.set_title(f"true: {shown}", fontsize=9)
+        image_ax.set_title(f"true: {_class_name(names, label)}", fontsize=9)
         image_ax.set_xticks([])
         image_ax.set_yticks([])
         top = max(float(data["normal_probs"][row].max()), float(data["nasty_probs"][row].max()))
-        for col, role in ((1, "normal"), (2, "nasty")):
+        for col, role in enumerate(ROLES, start=1):
             ax = axes[row][col]
             probs = data[f"{role}_probs"][row].numpy()
             colours = [HIGHLIGHT if c == label else PLAIN for c in range(classes)]
-            ax.bar(range(classes), probs, color=colours, width=0.8)
+            drawn = ax.bar(range(classes), probs, color=colours, width=0.8)
             ax.set_ylim(0, min(1.0, top * 1.15) or 1.0)
             ax.set_title(f"{role} teacher, softmax(z/τ), τ={tau:g}", fontsize=9)
+            if row in data[f"{role}_wrong"]:
+                predicted = int(data[f"{role}_logits"][row].argmax())
+                drawn[predicted].set_edgecolor(HIGHLIGHT)
+                drawn[predicted].set_linewidth(2.0)
+                # below the axis, where no bar can reach it
+                ax.set_xlabel(f"✗ top-1: {_class_name(names, predicted)}", fontsize=8, color=HIGHLIGHT,
+                              fontweight="bold")
             if classes <= 20:
-                ax.set_xticks(range(classes), [names[c] if c < len(names) else str(c) for c in range(classes)],
+                ax.set_xticks(range(classes), [_class_name(names, c) for c in range(classes)],
                               fontsize=7, rotation=0 if max(len(s) for s in names[:classes]) <= 3 else 60)
             ax.tick_params(axis="y", labelsize=7)
             ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{data['dataset']} {data['split']}: normal vs nasty teacher (τ={tau:g})", fontsize=10)
+    fig.suptitle(f"{logits_title(data)}\n{_wrong_summary(data)}", fontsize=10)
     return fig
 
 
-def plot_logits(normal: Path, nasty: Path, out: Path, *, tau: float = 4.0, count: int = 4, data_root: str = "",
-                split: str = "", seed: int = 0) -> Path:
+def logits_title(data: dict[str, Any]) -> str:
+    """The figure's title: data set, split, τ and what chose it."""
+    return f"{data['dataset']} {data['split']}: normal vs nasty teacher, τ={data['tau']:g} ({data['tau_source']})"
+
+
+def _wrong_summary(data: dict[str, Any]) -> str:
+    n = len(data["labels"])
+    return ", ".join(f"{role}: top-1 wrong on {len(data[f'{role}_wrong'])} of {n}" for role in ROLES)
+
+
+def logits_metadata(data: dict[str, Any]) -> dict[str, str]:
+    """What the PNG records (``PIL.Image.open(path).text``): ``Title``, ``Description``, ``Tau``,
+    ``TauSource``, and per teacher ``MisclassifiedNormal``/``MisclassifiedNasty``, the count of
+    images whose top-1 is wrong."""
+    return {"Title": logits_title(data), "Description": _wrong_summary(data), "Tau": f"{data['tau']:g}",
+            "TauSource": data["tau_source"],
+            **{f"Misclassified{role.capitalize()}": str(len(data[f"{role}_wrong"])) for role in ROLES}}
+
+
+def plot_logits(normal: Path, nasty: Path, out: Path, *, tau: float | None = None, count: int = 4,
+                data_root: str = "", split: str = "", seed: int = 0) -> Path:
     """Draw the normal and the nasty teacher's ``softmax(logits / tau)`` on ``count`` evaluation
-    images (Fig. 1 of Ma et al.) into the PNG ``out``; see :func:`responses`. Returns ``out``."""
+    images (Fig. 1 of Ma et al.) into the PNG ``out``; ``tau`` None: the nasty teacher's τ_A
+    (:func:`nasty_tau`); see :func:`responses`, :func:`logits_metadata`. Returns ``out``."""
     data = responses(normal, nasty, tau=tau, count=count, data_root=data_root, split=split, seed=seed)
-    return save_png(logits_figure(data), Path(out))
+    return save_png(logits_figure(data), Path(out), metadata=logits_metadata(data))
 
 
 def log_x(xs: Sequence[float]) -> bool:
@@ -257,14 +335,16 @@ def sweep_plot(path: Path, *, title: str, xlabel: str, ylabel: str, series: dict
     return save_png(sweep_figure(title=title, xlabel=xlabel, ylabel=ylabel, series=series), Path(path))
 
 
-def save_png(fig: Figure, path: Path, dpi: int = 110) -> Path:
-    """Write ``fig`` as a PNG through a temporary file in the same folder and a rename."""
+def save_png(fig: Figure, path: Path, dpi: int = 110, *, metadata: dict[str, str] | None = None,
+             tight: bool = False) -> Path:
+    """Write ``fig`` as a PNG through a temporary file in the same folder and a rename;
+    ``metadata``: PNG text chunks; ``tight``: crop to what is drawn (a legend outside the axes)."""
     if path.is_dir():
         raise UserError(f"{path} is a folder; name the PNG file to write")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, format="png", dpi=dpi)
+        fig.savefig(tmp, format="png", dpi=dpi, metadata=metadata, bbox_inches="tight" if tight else None)
         os.replace(tmp, path)
     except OSError as exc:
         raise UserError(f"{path}: cannot write the figure ({exc.strerror or exc})") from None

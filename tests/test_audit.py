@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import subprocess
 import sys
@@ -12,8 +13,9 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
-from nt_dist import audit, pipeline
+from nt_dist import audit, audit_render, pipeline
 from nt_dist.checkpoint import export_model
 from nt_dist.errors import UserError
 from nt_dist.models import create_model
@@ -124,25 +126,106 @@ def test_the_battery_is_a_pipeline_of_given_rows_defence_rows_and_attack_columns
         "defence.name": "stingy", "defence.top_k": 7}
 
 
-def test_margins_and_verdicts_from_hand_computed_results():
-    def result(kind: str, row: str, column: str, seed: int, top1: float) -> Result:
-        return Result(kind, row, column, seed, (), top1)
+def result(kind: str, row: str, column: str, seed: int, top1: float) -> Result:
+    return Result(kind, row, column, seed, (), top1)
 
-    results = [result("baseline", "student baseline", "alone", 0, 90.0), result("baseline", "student baseline", "alone", 1, 92.0),
-               result("student", "reference", "KD", 0, 95.0), result("student", "reference", "KD", 1, 97.0),
-               result("student", "under audit", "KD", 0, 80.0), result("student", "under audit", "KD", 1, 84.0),
-               result("student", "reference", "DAFL", 0, 60.0), result("student", "under audit", "DAFL", 0, 89.5),
-               result("student", "reference", "Skeptical", 0, 93.0), result("student", "under audit", "Skeptical", 0, 94.5)]
-    kd, dafl, skeptical = audit.protections(results, ["KD", "DAFL", "Skeptical"])
-    assert kd.bar == 96.0 and kd.margin("under audit") == 14.0  # max(96, 91) - 82
-    assert dafl.bar == 91.0 and dafl.margin("under audit") == pytest.approx(1.5)  # the student alone is the bar
+
+NOISE = "reference + noise"
+HAND_RESULTS = [
+    result("baseline", "student baseline", "alone", 0, 90.0), result("baseline", "student baseline", "alone", 1, 92.0),
+    result("student", "reference", "KD", 0, 95.0), result("student", "reference", "KD", 1, 97.0),
+    result("student", "under audit", "KD", 0, 80.0), result("student", "under audit", "KD", 1, 84.0),
+    result("student", NOISE, "KD", 0, 95.5),
+    result("student", "reference", "top-2 KD", 0, 90.0), result("student", "under audit", "top-2 KD", 0, 89.0),
+    result("student", "reference", "Skeptical", 0, 93.0), result("student", "under audit", "Skeptical", 0, 94.5),
+    # data-free: both far below the student alone (91); what the teacher withholds is 40 - 15, not 91 - 15
+    result("student", "reference", "DAFL", 0, 40.0), result("student", "under audit", "DAFL", 0, 15.0),
+    # the nasty teacher helps this attack: 60 from the reference, 89.5 from it (below the student alone)
+    result("student", "reference", "DeepInversion", 0, 60.0), result("student", "under audit", "DeepInversion", 0, 89.5),
+]
+HAND_COLUMNS = ["KD", "top-2 KD", "Skeptical", "DAFL", "DeepInversion", "X"]  # X: no result yet
+
+
+def test_margins_are_against_the_same_attack_on_the_reference():
+    kd, topk, skeptical, dafl, deepinversion, missing = audit.protections(HAND_RESULTS, HAND_COLUMNS)
+    assert kd.alone_mean == 91.0 and kd.mean("reference") == 96.0
+    assert kd.margin("under audit") == 14.0  # 96 - 82
+    assert kd.margin(NOISE) == 0.5  # 96 - 95.5: a defence row, against the same reference
+    assert kd.margin("reference") is None and missing.margin("under audit") is None
+    assert topk.margin("under audit") == 1.0
     assert skeptical.margin("under audit") == pytest.approx(-1.5)
-    assert audit.verdict(kd, 2.0).startswith("protected: the stolen student lands 14.00 points below")
-    assert audit.verdict(dafl, 2.0).startswith("weak: only 1.50 points below")
-    assert audit.verdict(skeptical, 2.0) == ("not protected: the attack wins by 1.50 points "
-                                             "(-1.50 below the reference-taught)")
-    assert audit.verdict(dafl, 2.0).endswith("(-29.50 below the reference-taught) (threshold 2)")
-    assert audit.verdict(audit.Protection("X", [], {}), 2.0) == "no result yet"
+    assert dafl.margin("under audit") == 25.0  # 40 - 15; the student alone (91) is not the bar
+    assert deepinversion.margin("under audit") == pytest.approx(-29.5)  # 60 - 89.5, though 1.5 below alone
+    assert topk.margin(NOISE) is None  # no student stolen through the noise for this attack
+
+
+def test_verdicts_read_the_margin_against_the_threshold():
+    kd, topk, skeptical, dafl, deepinversion, missing = audit.protections(HAND_RESULTS, HAND_COLUMNS)
+    assert audit.verdict(kd, 2.0) == ("protected: 14.00 points below the same attack on the reference "
+                                      "(82.00 vs 96.00; the student alone: 91.00)")
+    assert audit.verdict(topk, 2.0) == ("weak: only 1.00 points below the same attack on the reference "
+                                        "(89.00 vs 90.00; the student alone: 91.00; threshold 2)")
+    assert audit.verdict(topk, 0.5).startswith("protected: 1.00 points below")
+    assert audit.verdict(skeptical, 2.0) == ("not protected: 1.50 points above the same attack on the reference "
+                                             "(94.50 vs 93.00; the student alone: 91.00)")
+    assert audit.verdict(dafl, 2.0).startswith("protected: 25.00 points below the same attack on the reference")
+    assert audit.verdict(deepinversion, 2.0).startswith("not protected: 29.50 points above")
+    assert audit.verdict(kd, 2.0, row=NOISE).startswith("weak: only 0.50 points below")
+    assert audit.verdict(missing, 2.0) == "no result yet"
+    level = audit.Protection("Y", [], {"reference": [50.0], "under audit": [50.0]})
+    assert audit.verdict(level, 2.0) == "not protected: level with the same attack on the reference (50.00 vs 50.00)"
+
+
+def test_the_bottom_line_counts_the_verdicts():
+    table = audit.protections(HAND_RESULTS, HAND_COLUMNS)
+    assert audit.bottom_line(table, 2.0) == ("protected against 2 of 6 attacks; weak against top-2 KD, Skeptical, "
+                                             "DeepInversion; no result yet: X")
+    assert audit.bottom_line(table[:2], 0.5) == "protected against 2 of 2 attacks; weak against none"
+    assert audit.bottom_line(table[:1], 20.0) == "protected against 0 of 1 attack; weak against KD"
+    assert audit.bottom_line(table[:1], 2.0, row=NOISE) == "protected against 0 of 1 attack; weak against KD"
+    assert audit.bottom_line([], 2.0) == "protected against 0 of 0 attacks; weak against none"
+
+
+def test_the_report_starts_with_the_bottom_line_and_its_csv_holds_the_margins():
+    table = audit.protections(HAND_RESULTS, HAND_COLUMNS)
+    plan = audit.AuditPlan("runs/nasty", "runs/normal", ATTACK_RECIPE)
+    rows = ["reference", "under audit", NOISE]
+    text = audit.markdown(plan, "cifar_resnet8", "digits", {"reference": 99.0, "under audit": 98.5}, rows, table, 2)
+    lines = text.splitlines()
+    assert lines[0] == audit.bottom_line(table, 2.0) and lines[1] == ""
+    assert lines[2] == "### Protection audit: runs/nasty (under audit) vs runs/normal (reference)"
+    kd = next(line for line in lines if line.startswith("| KD |"))
+    assert kd.split(" | ")[1:7] == ["91.00 ± 1.41", "96.00 ± 1.41", "82.00 ± 2.83", "+14.00", "95.50", "+0.50"]
+    assert "- **DAFL**: protected: 25.00 points below the same attack on the reference" in text
+    with io.StringIO(audit.csv_text({"reference": 99.0}, rows, table)) as handle:
+        margins = {(r["attack"], r["row"]): r["margin"] for r in csv.DictReader(handle)}
+    assert margins["KD", "under audit"] == "14.0000" and margins["KD", NOISE] == "0.5000"
+    assert margins["DAFL", "under audit"] == "25.0000" and margins["DAFL", "reference"] == ""
+    assert margins["KD", "alone"] == "" and margins["(teacher)", "reference"] == ""
+
+
+def test_the_bar_chart_starts_at_zero_with_its_legend_outside_the_axes(tmp_path: Path):
+    table = audit.protections(HAND_RESULTS, HAND_COLUMNS)
+    rows = ["reference", "under audit", NOISE]
+    summary = audit.bottom_line(table, 2.0)
+    path = audit.bar_chart(table, rows, tmp_path / "report" / "audit.png", "audit: nasty vs normal", summary)
+    with Image.open(path) as image:
+        recorded = dict(image.text)
+        width, height = image.size
+    assert recorded["Title"] == "audit: nasty vs normal" and recorded["Description"] == summary
+    assert recorded["YAxisBottom"] == "0" and recorded["Legend"] == "outside, right"
+    assert [p.name for p in path.parent.iterdir()] == ["audit.png"]  # no temporary left
+    # the same figure, measured: the axes start at 0, the legend's box lies right of the axes' box,
+    # and the tight crop kept it (the PNG is wider than the figure's own width up to the axes' right edge)
+    figure = audit_render.bar_figure(table, rows, "t", summary)
+    figure.canvas.draw()
+    axes = figure.axes[0]
+    assert axes.get_ylim()[0] == 0
+    legend, frame = axes.get_legend().get_window_extent(), axes.get_window_extent()
+    assert legend.x0 >= frame.x1 and not legend.overlaps(frame)
+    assert width > height > 200
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == [
+        "student alone", "from reference", "from under audit", f"from {NOISE}"]
 
 
 def test_unknown_names_are_one_line():
@@ -173,6 +256,11 @@ def test_the_readme_audit_on_digits_has_every_cell(quickstart_teachers: Path, ml
     folder = root / "runs" / "audit" / "report"
     text = (folder / "audit.md").read_text(encoding="utf-8")
     assert text in done.stdout
+    bottom = text.splitlines()[0]  # the bottom line first
+    assert bottom.startswith("protected against ") and " of 8 attacks; weak against " in bottom, text
+    assert any(line.startswith(f"nt-dist audit: {bottom}; report in ") for line in done.stderr.splitlines())
+    with Image.open(folder / "audit.png") as image:
+        assert image.text["Description"] == bottom and image.text["YAxisBottom"] == "0"
     columns = list(audit.attack_columns(audit.AuditPlan("", "", ATTACK_RECIPE)))
     assert len(columns) == 8  # KD at 2 x 2 (τ, α), top-2 KD, Skeptical, DAFL, DeepInversion
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| attack")
@@ -186,10 +274,9 @@ def test_the_readme_audit_on_digits_has_every_cell(quickstart_teachers: Path, ml
             for s in stages}
     with open(folder / "audit.csv", newline="", encoding="utf-8") as handle:
         table = list(csv.DictReader(handle))
-    for column in columns:
-        bar = max(top1["reference", column], top1["student baseline", "alone"])
+    for column in columns:  # against the same attack on the reference
         margin = next(float(r["margin"]) for r in table if r["attack"] == column and r["row"] == "under audit")
-        assert margin == pytest.approx(bar - top1["under audit", column], abs=1e-3)
+        assert margin == pytest.approx(top1["reference", column] - top1["under audit", column], abs=1e-3)
     assert (folder / "audit.png").stat().st_size > 10_000
     # the data-free students never read the training split; each run names its attack and defence
     client = MlflowClient(tracking_uri=mlflow_store)
@@ -197,8 +284,8 @@ def test_the_readme_audit_on_digits_has_every_cell(quickstart_teachers: Path, ml
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     report_run = next(r for r in runs if r.info.run_name == "audit/report")
     assert report_run.data.tags["mlflow.note.content"] == text
-    dafl = next(r for r in runs if r.info.run_name == "audit/seed0/student/dafl/reference-noise")
-    assert (dafl.data.tags["attack"], dafl.data.tags["defence"]) == ("dafl", "noise")
+    # found by its tags, whatever the UI names it (one seed: one DAFL student through the noise)
+    dafl = next(r for r in runs if (r.data.tags.get("attack"), r.data.tags.get("defence")) == ("dafl", "noise"))
     assert dafl.data.params["datafree.latent_dim"] == "100" and dafl.data.params["defence.name"] == "noise"
     assert _contexts(client, dafl.info.run_id) == ["eval"]
     # the same command again trains nothing: the battery is an ordinary pipeline
