@@ -76,7 +76,7 @@ def test_csv_is_one_line_per_cell_with_the_seeds_values():
     nasty = next(r for r in rows if r["row"] == "ResNet-18 nasty" and r["column"] == "CNN")
     assert nasty == {"table": "T", "sweep": "nasty.omega=0.004", "row": "ResNet-18 nasty", "column": "CNN", "n": "2",
                      "mean": "70.5000", "std": "0.7071", "delta": "-10.5000", "delta_n": "2", "paper": "82.46",
-                     "paper_delta": "-4.18", "values": "70.00 71.00"}
+                     "paper_delta": "-4.18", "values": "70.00 71.00", "shrunk": "0"}
 
 
 def test_a_change_is_over_the_seeds_both_cells_have():
@@ -262,3 +262,166 @@ def test_a_report_into_a_read_only_folder_is_one_line_naming_it(tmp_path: Path):
         locked.chmod(0o755)
     assert one_error(proc) == f"nt-dist: error: --out: {locked / 'rep'}: not writable (its parent {locked} is read-only)"
     assert not (locked / "rep").exists()
+
+
+# ----------------------------------------------------------------------------- against the paper's recipe (issue 25)
+
+PAPER_DIR = Path(__file__).resolve().parents[1] / "recipes" / "paper"
+FIGURES = {("ResNet-18 normal", "teacher"): 95.0, ("ResNet-18 nasty", "teacher"): 94.0,
+           ("student baseline", "CNN"): 81.0, ("ResNet-18 normal", "CNN"): 85.0, ("ResNet-18 nasty", "CNN"): 70.0}
+
+
+def table1_folders(tmp_path: Path, extra: list[str], paper_recipe: tuple[str, ...] = (),
+                   architectures: dict[str, str] | None = None) -> list:
+    """The teacher and CNN stages of recipes/paper/table1.yaml as finished run folders, without
+    training: each folder holds what a run writes (resolved_recipe.yaml, metrics.json) for the
+    pipeline run with ``extra`` (``--set``); the stages named in ``paper_recipe`` ran the paper's
+    recipe as it is; ``architectures``: stage name -> the architecture its model.safetensors records."""
+    import yaml
+
+    from nt_dist import pipeline
+    from nt_dist.config import load_recipe, recipe_to_dict
+
+    p = pipeline.load_pipeline(PAPER_DIR / "table1.yaml")
+    out = str(tmp_path / "t1")
+    plain = {s.name: s for s in pipeline.expand(p, seeds=[0], output_dir=out)}
+    stages = [s for s in pipeline.expand(p, seeds=[0], extra=extra, output_dir=out) if s.column in ("teacher", "CNN")]
+    for stage in stages:
+        ran = plain[stage.name] if stage.name in paper_recipe else stage
+        recipe = load_recipe(ran.recipe, list(ran.overrides))
+        stage.output_dir.mkdir(parents=True)
+        (stage.output_dir / "resolved_recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        (stage.output_dir / "metrics.json").write_text(f'{{"final": {{"test_top1": {FIGURES[stage.row, stage.column]}}}}}')
+        if stage.name in (architectures or {}):
+            import torch
+            from safetensors.torch import save_file
+
+            save_file({"w": torch.zeros(1)}, str(stage.output_dir / "model.safetensors"),
+                      metadata={"architecture": architectures[stage.name]})
+    return stages
+
+
+def test_the_report_lists_every_override_and_marks_shrunk_cells(tmp_path: Path):
+    """A run capped at 5 steps on 64 images sits beside the paper's figure with a † and a
+    footnote, and every key it changed is listed; the baseline that ran the paper's recipe
+    has no †."""
+    stages = table1_folders(tmp_path, ["run.max_steps=5", "data.train_subset=64", "data.batch_size=32"],
+                            paper_recipe=("seed0/baseline/cnn",))
+    results, missing = report.from_stages(stages)
+    assert missing == [] and all(r.compared for r in results)
+    text, files = report.report(results, "table1", "table1", tmp_path / "rep")
+    lines = text.splitlines()
+    assert lines[4] == "| student baseline | – | 81.00 · paper 86.64 |"
+    assert lines[5] == "| ResNet-18 normal | 95.00† · paper 95.13 | 85.00 (+4.00)† · paper 87.75 (+1.11) |"
+    assert lines[6].startswith("| ResNet-18 nasty | 94.00 (−1.00)† · paper 94.56 (−0.57) | 70.00 (−11.00)† ·")
+    assert report.SHRUNK_NOTE in lines and report.SHRUNK_NOTE.startswith("† trained on less than the paper's recipe")
+    overrides = lines[lines.index("#### Overrides against the paper's recipe (recipes/paper/table1.yaml)"):]
+    assert overrides[2:] == ["- run.max_steps: 5 (paper 0): every run but CNN alone",
+                             "- data.batch_size: 32 (paper 128): every run but CNN alone",
+                             "- data.train_subset: 64 (paper 0): every run but CNN alone"]
+    shrunk = {(r["row"], r["column"]): r["shrunk"] for r in csv.DictReader(io.StringIO(files[1].read_text()))}
+    assert shrunk == {("student baseline", "CNN"): "0", ("ResNet-18 normal", "teacher"): "1",
+                      ("ResNet-18 normal", "CNN"): "1", ("ResNet-18 nasty", "teacher"): "1", ("ResNet-18 nasty", "CNN"): "1"}
+
+
+def test_a_longer_run_or_a_changed_loss_is_an_override_but_not_shrunk(tmp_path: Path):
+    stages = table1_folders(tmp_path, ["run.epochs=170", "distill.tau=8"])
+    results, _ = report.from_stages(stages)
+    text, _ = report.report(results, "table1", "table1", tmp_path / "rep")
+    assert "†" not in text
+    assert "- run.epochs: 170 (paper 160): ResNet-18 normal, ResNet-18 nasty" in text
+    assert "- distill.tau: 8.0 (paper 4.0): CNN ← ResNet-18 normal, CNN ← ResNet-18 nasty" in text  # teachers log no distill.*
+
+
+def test_a_label_shows_the_architecture_its_model_records(tmp_path: Path):
+    """The nasty teacher's recipe names the paper's network, its model file another: the model
+    file wins. ``--set model.name=cifar_cnn`` on every stage: every teacher label says it."""
+    stages = table1_folders(tmp_path, [], architectures={"seed0/nasty/resnet-18-nasty": "cifar_resnet8"})
+    table = report.build_table(report.from_stages(stages)[0], "T", row_order=["ResNet-18 normal", "ResNet-18 nasty"])
+    lines = report.markdown(table).splitlines()
+    assert lines[5].startswith("| ResNet-18 normal | 95.00 |")
+    assert lines[6].startswith("| ResNet-18 nasty (ran: cifar_resnet8) | 94.00 (−1.00) |")
+
+    forced = table1_folders(tmp_path / "forced", ["model.name=cifar_cnn"])
+    results, _ = report.from_stages(forced)
+    text, _ = report.report(results, "table1", "table1", tmp_path / "rep")
+    assert "| ResNet-18 normal (ran: cifar_cnn) | 95.00 · paper 95.13 |" in text
+    assert "| Teacher | Teacher top-1 | Student CNN |" in text  # the CNN column did train a CNN
+    assert "- model.name: cifar_cnn (paper cifar_resnet18): ResNet-18 normal, ResNet-18 nasty" in text
+
+
+def test_the_paper_order_holds_whatever_order_the_runs_come_in(tmp_path: Path):
+    columns = ["CNN", "ResNetC-20", "ResNetC-32", "ResNet-18"]
+    results = [Result(r.kind, r.row, column, r.seed, r.sweep, r.top1, r.reference_row)
+               for column in columns for r in table1_results() if r.column != "teacher"]
+    results += [r for r in table1_results() if r.column == "teacher"]
+    texts = set()
+    for i, order in enumerate((results, results[::-1], sorted(results, key=lambda r: (r.column, r.row)))):
+        text, _ = report.report(order, "table1", "table1", tmp_path / f"rep{i}")
+        texts.add(text)
+        assert text.splitlines()[2] == "| Teacher | Teacher top-1 | Student CNN | Student ResNetC-20 | " \
+                                       "Student ResNetC-32 | Student ResNet-18 |"
+        assert [line.split(" | ")[0] for line in text.splitlines()[4:7]] == \
+            ["| student baseline", "| ResNet-18 normal", "| ResNet-18 nasty"]
+    assert len(texts) == 1
+    # an ablation prints no table: its pipeline file's order (recipes/paper/ablation_omega.yaml)
+    rows, cols = report.paper_order("ablation_omega", "")
+    assert (rows, cols) == (["ResNet-18 normal", "ResNet-18 nasty"], ["CNN", "ResNetC-20"])
+    flipped = [Result(r.kind, r.row, "ResNetC-20" if r.column == "CNN" else r.column, r.seed, r.sweep, r.top1,
+                      r.reference_row) for r in table1_results()][::-1] + table1_results()
+    assert report.build_table(flipped, "T", (), rows, cols).columns == ["teacher", "CNN", "ResNetC-20"]
+
+
+def test_a_second_report_updates_the_same_mlflow_run(tmp_path: Path, mlflow_store: str):
+    client = MlflowClient(tracking_uri=mlflow_store)
+    experiment = client.create_experiment("reports-once", artifact_location=(tmp_path / "art").as_uri())
+    files = [tmp_path / "report.md"]
+    files[0].write_text("first\n")
+    first = report.log_to_mlflow(files, "reports-once", mlflow_store, "table1", "table1", "first")
+    files[0].write_text("second\n")
+    second = report.log_to_mlflow(files, "reports-once", mlflow_store, "table1", "table1", "second")
+    runs = client.search_runs([experiment], "attributes.run_name = 'table1/report'")
+    assert first == second and len(runs) == 1
+    assert runs[0].info.status == "FINISHED" and runs[0].data.tags["mlflow.note.content"] == "second"
+    assert Path(client.download_artifacts(first, "report/report.md", str(tmp_path / "dl"))).read_text() == "second\n"
+    other = report.log_to_mlflow(files, "reports-once", mlflow_store, "table2", "table2", "t2")
+    assert other != first and len(client.search_runs([experiment], "tags.stage = 'report'")) == 2
+
+
+def test_runs_from_mlflow_are_held_against_the_paper_by_their_params_and_tags(mlflow_store: str, tmp_path: Path):
+    client = MlflowClient(tracking_uri=mlflow_store)
+    experiment = client.create_experiment("paper-t1-params", artifact_location=(tmp_path / "art").as_uri())
+    teacher = client.create_run(experiment, tags={
+        "table": "table1", "paper": "table1", "row": "ResNet-18 normal", "column": "teacher", "seed": "0",
+        "stage": "teacher", "architecture": "cifar_cnn", "mlflow.source.name": str(PAPER_DIR / "cifar10/teacher.yaml")})
+    for key, value in {"run.epochs": "1", "run.seed": "0", "data.train_subset": "64", "model.name": "cifar_cnn",
+                       "optim.lr": "0.1", "data.root": "/data"}.items():
+        client.log_param(teacher.info.run_id, key, value)
+    client.log_metric(teacher.info.run_id, "test_top1", 40.0)
+    client.set_terminated(teacher.info.run_id, "FINISHED")
+    (result,), name, paper = report.from_mlflow("paper-t1-params", mlflow_store)
+    assert (name, paper, result.ran, result.shrunk) == ("table1", "table1", "cifar_cnn", True)
+    assert result.overrides == (("run.epochs", "1", "160"), ("data.train_subset", "64", "0"),
+                                ("model.name", "cifar_cnn", "cifar_resnet18"))
+
+
+def test_sweep_plots_take_a_log_axis_for_log_spaced_values_and_show_the_papers_point(tmp_path: Path):
+    from PIL import Image
+
+    def swept(values: list[str]) -> list[Result]:
+        return [Result(r.kind, r.row, r.column, r.seed, (("nasty.omega", v),) if r.kind in ("nasty", "student") else (),
+                       r.top1 - i, r.reference_row) for i, v in enumerate(values) for r in table1_results()]
+
+    for values, scale in ((["0.001", "0.01", "0.1"], "log"), (["0.25", "0.5", "0.75", "1.0"], "linear"),
+                          (["0.0", "0.001", "0.01", "0.1"], "symlog")):
+        folder = tmp_path / scale
+        folder.mkdir()
+        paths = report.write_plots(swept(values), folder, "t")
+        assert [p.name for p in paths] == ["t_nasty.omega_students.png", "t_nasty.omega_teachers.png"]
+        assert {Image.open(p).text["xscale"] for p in paths} == {scale}, values
+        assert {Image.open(p).text["paper"] for p in paths} == {""}  # no published curve for a pipeline "t"
+    paths = report.write_plots(swept(["0.001", "0.004", "0.04"]), tmp_path, "ablation_omega")
+    assert {Image.open(p).text["paper"] for p in paths} == {"Table 1 at nasty.omega = 0.004"}
+    assert report.x_scale([1, 2, 4, 8, 16]) == report.x_scale([1, 2, 5, 10, 20, 40]) == "log"
+    assert report.x_scale([0.1, 0.3, 0.5, 0.7, 0.9, 1.0]) == report.x_scale([5000, 10000, 20000, 30000, 40000, 50000]) \
+        == report.x_scale([1, 2]) == report.x_scale([-1, 1, 100]) == "linear"
