@@ -7,12 +7,18 @@ Needs a running UI with the quickstart experiment, e.g.::
     python docs/ui_screenshots.py --url http://127.0.0.1:5077 --experiment-id 1
 
 and playwright-python (``pip install playwright``) driving a system Chromium
-(``--chromium``); ``playwright install`` is not needed.
+(``apt-get install chromium``; ``--chromium``); ``playwright install`` is not needed.
+
+The browser is a fresh profile at 1440x900 that has seen MLflow once: the one thing set is that
+MLflow's Assistant panel already opened by itself (on a local server it opens, 350 px wide, on
+the first page a browser loads; a user closes it once). Nothing is dragged or widened: the
+columns and their widths are nt_dist's ``nt-dist`` view.
 
 Writes into --out-dir:
   mlflow_runs.png     the runs table opened with the ``nt-dist`` shared view
-                      (columns: test_top1, role, lineage tags, ...)
-  mlflow_compare.png  the compare-runs page of the five seed-0 runs
+                      (run names, top-1, role, network, teacher, adversary, data set)
+  mlflow_compare.png  the compare-runs page of the five seed-0 runs (the default plot:
+                      network, role, teacher against test_top1)
 """
 
 from __future__ import annotations
@@ -64,25 +70,6 @@ def seed_run_ids(base: str, experiment_id: str, seed: str = "0") -> list[str]:
     return [r["info"]["run_id"] for r in runs]
 
 
-# Runs-table columns (header text) to widen by dragging, in pixels.
-WIDEN_COLUMNS = {"Run Name": 130, "teacher_run_name": 150, "adversary_run_name": 150}
-
-
-def widen_column(page: Page, header: str, extra: int) -> None:
-    """Drag the resize handle of a runs-table column `extra` px to the right."""
-    cell = page.locator(".ag-header-cell", has_text=header).first
-    if not cell.count():
-        return
-    box = cell.locator(".ag-header-cell-resize").bounding_box()
-    if box is None:
-        return
-    x, y = box["x"] + 2, box["y"] + box["height"] / 2  # its right half overlaps the next header
-    page.mouse.move(x, y)
-    page.mouse.down()
-    page.mouse.move(x + extra, y, steps=10)
-    page.mouse.up()
-
-
 def dismiss_popups(page: Page) -> None:
     """Close the assistant panel / 'Detect issues' pop-ups if they show up."""
     page.keyboard.press("Escape")
@@ -102,7 +89,7 @@ def main() -> None:
     ap.add_argument("--experiment-id", default="1")
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent)
     ap.add_argument("--chromium", default="/usr/bin/chromium", help="Chromium binary")
-    ap.add_argument("--width", type=int, default=1600)
+    ap.add_argument("--width", type=int, default=1440)
     ap.add_argument("--height", type=int, default=900)
     args = ap.parse_args()
 
@@ -116,9 +103,10 @@ def main() -> None:
             viewport={"width": args.width, "height": args.height},
             device_scale_factor=1,
         )
-        # Classic (machine-learning) UI instead of the GenAI one.
+        # The Assistant panel has opened once already (see the docstring); the model-training
+        # mode comes from the address (workflowType=machine_learning), as nt-dist prints it.
         context.add_init_script(
-            "window.localStorage.setItem('mlflow.workflowType_v1', '\"machine_learning\"');"
+            "window.localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
         )
         page = context.new_page()
 
@@ -129,38 +117,22 @@ def main() -> None:
         )
         page.wait_for_selector(".ag-row", timeout=60_000)
         page.wait_for_timeout(3000)  # the UI polls, so no "networkidle"
-        dismiss_popups(page)
-        # Make the run names and the lineage tags readable: in a window wide
-        # enough that every column is rendered, widen some columns, then
-        # shrink the window to the right edge of the last column.
-        page.set_viewport_size({"width": args.width + 1200, "height": args.height})
-        page.wait_for_timeout(1000)
-        for column, extra in WIDEN_COLUMNS.items():
-            widen_column(page, column, extra)
-        page.wait_for_timeout(500)
-        right = page.evaluate(
-            "() => Math.max(...[...document.querySelectorAll('.ag-header-cell')]"
-            ".map(e => e.getBoundingClientRect().right))"
-        )
-        page.set_viewport_size({"width": max(args.width, int(right) + 40), "height": args.height})
-        page.wait_for_timeout(1000)
-        page.screenshot(path=str(args.out_dir / "mlflow_runs.png"))
-        page.set_viewport_size({"width": args.width, "height": args.height})
+        page.screenshot(path=str(args.out_dir / "mlflow_runs.png"))  # as it opens: nothing closed or dragged
 
         # (b) Compare view of the seed-0 runs.
         ids = seed_run_ids(base, exp)
         query = urllib.parse.urlencode(
             {"runs": json.dumps(ids), "experiments": json.dumps([exp])}
         )
-        page.goto(f"{base}/#/compare-runs?{query}")
+        page.goto(f"{base}/#/compare-runs?{query}&workflowType=machine_learning")
         page.wait_for_selector("table.mlflow-compare-table", timeout=60_000)
         page.wait_for_timeout(3000)
         dismiss_popups(page)
-        # Keep the screenshot about the params/metrics/tags tables: fold the
-        # plot and artifact sections, show only the params/tags that differ.
-        for section in ("Visualizations", "Artifacts"):
+        # The default plot, then the params/metrics/tags tables: fold the artifact
+        # section, show only what differs (the metrics grid draws some 17 rows, however tall).
+        for section in ("Artifacts",):
             page.locator(".du-bois-light-collapse-header", has_text=section).first.click()
-        for table in ("Parameters", "Tags"):
+        for table in ("Parameters", "Metrics", "Tags"):
             page.get_by_role("switch", name=f"{table} - Show diff only").click()
         # The tables scroll inside fixed-height boxes; unclamp them and make
         # the window as tall as the (scrolling) main panel so all rows show.

@@ -109,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     logits.add_argument("normal", help="run folder (or model.safetensors) of the normal teacher")
     logits.add_argument("nasty", help="run folder (or model.safetensors) of the nasty teacher")
     logits.add_argument("--out", default="logits.png")
-    logits.add_argument("--tau", type=float, default=4.0)
+    logits.add_argument("--tau", type=float, default=None,
+                        help="softmax temperature (default: the nasty teacher's recorded τ_A, else 4)")
     logits.add_argument("--count", type=int, default=4, help="images")
     logits.add_argument("--seed", type=int, default=0, help="which images")
     logits.add_argument("--data-root", default="", help="data.root of the teachers' data set (not for digits)")
@@ -315,8 +316,11 @@ def report_command(args: argparse.Namespace) -> int:
 
 def ui(host: str, port: int, db: Path, jobs: bool = False) -> int:
     """``mlflow ui`` over a SQLite store: one worker, MLflow's job runner off (it starts 8
-    processes), run from the store's folder (artifact locations are relative to it)."""
+    processes), run from the store's folder (artifact locations are relative to it), in a process
+    group of its own that ends with nt-dist ui (:mod:`nt_dist.tracking_ui`); the addresses are
+    printed once it answers."""
     from nt_dist.tracking import DEFAULT_ARTIFACTS, runs_page
+    from nt_dist.tracking_ui import serve, url_host
 
     if not db.is_file():
         raise UserError(f"{db}: no MLflow store here yet (run nt-dist quickstart or a recipe first, "
@@ -328,15 +332,12 @@ def ui(host: str, port: int, db: Path, jobs: bool = False) -> int:
                "--default-artifact-root", (folder / DEFAULT_ARTIFACTS).as_uri(),
                "--host", host, "--port", str(port), "--workers", "1"]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true" if jobs else "false"}
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    shown = url_host(host)
     lines = [f"MLflow UI on http://{shown}:{port}  (Ctrl-C to stop)"]
     for experiment_id, name in _experiments(db):
         lines.append(f"  {name}: http://{shown}:{port}/{runs_page(experiment_id)}")
-    print("\n".join(lines), file=sys.stderr, flush=True)
-    try:
-        return subprocess.call(command, env=env, cwd=folder)
-    except KeyboardInterrupt:
-        return 0
+    return serve(lambda: subprocess.Popen(command, env=env, cwd=folder, start_new_session=True),
+                 folder, host, port, lines)
 
 
 def _experiments(db: Path) -> list[tuple[str, str]]:

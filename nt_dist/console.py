@@ -10,7 +10,8 @@ from typing import Any
 from nt_dist import checkpoint, rundir
 from nt_dist.config import Recipe
 from nt_dist.errors import warn
-from nt_dist.tracking import experiment_of, tracking_uri
+from nt_dist.tracking import experiment_of, run_page, tracking_uri
+from nt_dist.tracking_ui import DEFAULT_UI_PORT, recorded_ui
 
 
 def progress_bar(recipe: Recipe, steps: int, start: int, epoch: int) -> Any:
@@ -68,9 +69,12 @@ def mlflow_where(recipe: Recipe, run_id: str, experiment_id: str) -> str:
     if not run_id:
         return f"MLflow did not answer (events kept in {Path(recipe.run.output_dir) / 'mlflow_undelivered.jsonl'})"
     uri = tracking_uri(recipe.tracking)
-    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    page = run_page(experiment_id, run_id)
     if uri.startswith(("http://", "https://")):
         return f"MLflow run {run_id}: {uri.rstrip('/')}/{page}"
     database = Path(uri.removeprefix("sqlite:///"))
+    # the port `nt-dist ui` last served this store on (its record beside the store), else its default
+    host, port = recorded_ui(database.parent) or ("127.0.0.1", DEFAULT_UI_PORT)
     command = "nt-dist ui" if database.resolve() == (Path.cwd() / "mlflow.db").resolve() else f"nt-dist ui --db {database}"
-    return f"MLflow run {run_id} in {experiment_of(recipe.tracking)} ({command}, then http://127.0.0.1:5000/{page})"
+    command += f" --port {port}" if port != DEFAULT_UI_PORT else ""
+    return f"MLflow run {run_id} in {experiment_of(recipe.tracking)} ({command}, then http://{host}:{port}/{page})"

@@ -25,6 +25,7 @@ from typing import Any
 from nt_dist.config import TrackingConfig
 from nt_dist.errors import say, warn
 from nt_dist.reach import bound_requests, store_file
+from nt_dist.tracking_names import frozen_kinds, lineage_names, mlflow_metrics, present, top1_tag
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -52,21 +53,44 @@ def artifacts_beside(uri: str) -> str | None:
 
 # The runs table of every experiment nt_dist creates, as a view the MLflow UI lists under
 # "Views" and opens from ?viewStateShareKey=nt-dist (an experiment tag the UI reads; MLflow 3
-# has no setting for an experiment's default columns).
+# has no setting for an experiment's default columns). Widths in px, measured in MLflow 3.17's
+# table so that a 1440 px window shows them all beside Created (150) and Duration (80), the
+# Dataset column (300) left out: the run name's 230 hold the longest of tracking_names' names
+# (32 characters), teacher and adversary "nasty cifar_shufflenetv2"; the seed is in the name.
 VIEW_KEY = "nt-dist"
-VIEW_COLUMNS = ("metrics.`test_top1`", "tags.`role`", "tags.`architecture`", "tags.`dataset`", "tags.`seed`",
-                "tags.`teacher_run_name`", "tags.`adversary_run_name`", "attributes.`Dataset`")
+VIEW_COLUMNS = {"tags.`top1`": 65, "tags.`role`": 75, "tags.`architecture`": 120, "tags.`teacher`": 150,
+                "tags.`adversary`": 150, "tags.`dataset`": 75}
+RUN_NAME_WIDTH = 230
+# MLflow 3 opens in GenAI mode unless the address (or the browser's last choice) says otherwise
+MODE = "workflowType=machine_learning"
+
+
+def view_state() -> str:
+    widths = {"attributes.`Run Name`": RUN_NAME_WIDTH, **VIEW_COLUMNS}  # the UI sizes the columns it orders
+    return json.dumps({"selectedColumns": list(VIEW_COLUMNS), "columnOrder": list(widths), "columnWidths": widths,
+                       "orderByKey": "attributes.start_time", "orderByAsc": False})
 
 
 def experiment_tags() -> dict[str, str]:
-    state = {"selectedColumns": list(VIEW_COLUMNS), "orderByKey": "attributes.start_time", "orderByAsc": False}
-    view = {"name": "nt-dist: score, role, lineage", "createdAt": int(time.time() * 1000), "state": json.dumps(state)}
+    view = {"name": "nt-dist: score, role, lineage", "createdAt": int(time.time() * 1000), "state": view_state()}
     return {f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(view)}
 
 
 def runs_page(experiment_id: str) -> str:
     """The UI's address (after ``#``) of an experiment's runs table in nt_dist's view."""
-    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
+    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&{MODE}"
+
+
+def run_page(experiment_id: str, run_id: str) -> str:
+    """The UI's address (after ``#``) of one run, in model-training mode."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?{MODE}"
+
+
+def _view_is_current(tags: dict[str, str]) -> bool:
+    try:
+        return json.loads(tags[f"mlflow.sharedViewState.{VIEW_KEY}"])["state"] == view_state()
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def ensure_experiment(client: Any, name: str, uri: str) -> str:
@@ -75,7 +99,7 @@ def ensure_experiment(client: Any, name: str, uri: str) -> str:
     so that the folder holding ``mlflow.db`` and ``mlartifacts/`` can be moved."""
     found = client.get_experiment_by_name(name)
     if found is not None:
-        if f"mlflow.sharedViewState.{VIEW_KEY}" not in found.tags:  # made before nt_dist 0.1's view
+        if not _view_is_current(found.tags):  # made before this nt_dist's view
             try:
                 for key, value in experiment_tags().items():
                     client.set_experiment_tag(found.experiment_id, key, value)
@@ -155,13 +179,16 @@ class Tracker:
         self._created = threading.Event()
         self._lock = threading.Lock()
         self._announced = False  # the closing wait has been announced (finish)
+        self._kinds: list[str] = []  # the frozen networks the run learned from (teacher, adversary)
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str], resume_run_id: str = "") -> str:
         """Create (or reopen) the MLflow run in the background and wait up to ``timeout_s`` for
         its id. An unreachable server does not stop training: the id stays "" and the events
-        wait on disk and in memory until the server answers or the run ends."""
+        wait on disk and in memory until the server answers or the run ends. The name, tags and
+        params go as :func:`nt_dist.tracking_names.present` shows them (a short name, paths relative
+        to the run folder)."""
         if not self.active:
             return ""
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -176,6 +203,8 @@ class Tracker:
         logging.getLogger("mlflow.system_metrics").setLevel(logging.CRITICAL)
         import mlflow.tracking  # noqa: F401 - imported here: the import is slow and is not an MLflow call
 
+        run_name, tags, params = present(run_name, params, tags, self.run_dir)
+        self._kinds = frozen_kinds(tags)
         # the client is built on the delivery thread: opening a store (SQLite schema migrations,
         # a server's first answer) is an MLflow call like any other, bounded by timeout_s here
         self._submit("create", {"run_name": run_name, "tags": tags, "resume_run_id": resume_run_id,
@@ -195,6 +224,7 @@ class Tracker:
             self._client = MlflowClient(tracking_uri=tracking_uri(self.cfg))
 
         if not (resume_run_id and self._reopen(resume_run_id)):
+            lineage_names(self._client, tags)
             run = self._client.create_run(self._experiment_id(), run_name=run_name, tags=tags)
             self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
             items = [Param(k, v) for k, v in params.items()]
@@ -287,7 +317,7 @@ class Tracker:
         self.log_local({"step": step, **metrics})
         if self._thread is not None:
             self._submit("metrics", {"step": step, "timestamp": int(time.time() * 1000),
-                                     "values": {k: float(v) for k, v in metrics.items()}})
+                                     "values": mlflow_metrics(metrics, self._kinds), "tags": top1_tag(metrics)})
 
     def log_artifact(self, path: Path) -> None:
         if self.active and self._thread is not None:
@@ -297,6 +327,12 @@ class Tracker:
         """The data set splits a run read (``nt_dist.data.DataInput``), as MLflow dataset inputs."""
         if self.active and self._thread is not None and inputs:
             self._submit("inputs", [dataclasses.asdict(item) for item in inputs])
+
+    def mark(self, status: str) -> None:
+        """Tell MLflow the run's status now (thread-safe), ahead of :meth:`finish`: a process about
+        to be killed (:class:`~nt_dist.ranks.Preemption`'s stall) leaves no RUNNING run."""
+        if self.active and self._thread is not None:
+            self._submit("status", status)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.active and self._thread is not None:
@@ -362,7 +398,8 @@ class Tracker:
         client, run_id = self._client, self.run_id
         if kind == "metrics":
             metrics = [Metric(k, v, payload["timestamp"], payload["step"]) for k, v in payload["values"].items()]
-            client.log_batch(run_id, metrics=metrics, synchronous=True)
+            tags = [RunTag(k, v) for k, v in payload.get("tags", {}).items()]
+            client.log_batch(run_id, metrics=metrics, tags=tags, synchronous=True)
         elif kind == "tags":
             client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in payload.items()], synchronous=True)
         elif kind == "artifact":
