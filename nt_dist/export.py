@@ -35,6 +35,8 @@ def export_run(run: Run, metrics: dict[str, float]) -> None:
                 "mlflow_experiment": experiment_of(recipe.tracking) if recipe.tracking.enabled else "",
                 "mlflow_experiment_id": run.tracker.experiment_id,
                 "test_top1": f"{metrics.get('test_top1', float('nan')):.4f}"}
+        if recipe.run.role == "nasty":  # plot-logits shows a nasty teacher at the τ_A it was trained with
+            meta["tau_a"] = f"{recipe.nasty.tau:g}"
         summary = {"final": {k: metrics[k] for k in ("test_top1", "test_top5", "test_ce") if k in metrics},
                    "global_step": run.state.global_step, "mlflow_run_id": run.state.mlflow_run_id,
                    "role": recipe.run.role, "name": recipe.run.name,

@@ -245,7 +245,7 @@ def train(recipe: Recipe, source: str = "<recipe>") -> dict[str, float]:
         if run.accelerator.is_main_process and recipe.tracking.enabled:  # a resumed run's are kept once
             inputs = data_inputs(recipe.data, run.data)
             run.tracker.log_inputs([i for i in inputs if i.context != "train" or not run.objective.data_free])
-        run.preempt = Preemption()
+        run.preempt = Preemption(on_stall=lambda: run.tracker.mark("KILLED"))  # before a launcher's SIGKILL
         run.preempt.install()
         final = _loop(run)
         status = "FINISHED"

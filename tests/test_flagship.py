@@ -66,6 +66,7 @@ def test_the_readme_flagship_finishes_a_nasty_teacher_on_the_first_launch(tmp_pa
     with safe_open(str(nasty / "model.safetensors"), framework="pt") as handle:
         meta = handle.metadata()
     assert meta["architecture"] == "cifar_resnet18" and meta["role"] == "nasty", meta
+    assert meta["tau_a"] == "20"  # plot-logits' default τ
     for stage in ("teacher/resnet-18-normal", "baseline/shufflenetv2", "student/shufflenetv2/resnet-18-nasty"):
         assert (out / stage / "model.safetensors").is_file(), stage
     assert "5 stages: 5 ran" in proc.stderr + proc.stdout

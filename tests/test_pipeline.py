@@ -156,7 +156,7 @@ def test_run_skips_finished_stages_and_a_failure_stops_only_its_dependants(tmp_p
     run = client.get_run(summary["mlflow_run_id"])
     assert {k: run.data.tags[k] for k in ("table", "row", "column", "seed", "stage")} == \
         {"table": "tiny", "row": "CNN nasty", "column": "MLP", "seed": "0", "stage": "student"}
-    assert run.data.tags["mlflow.runName"] == "tiny/seed0/student/mlp/cnn-nasty"
+    assert run.data.tags["mlflow.runName"] == "s0 mlp ← nasty cnn"  # seed, student arch, its teacher
 
     # the paper's qualitative figure from the two teachers just trained
     png = tmp_path / "logits.png"
@@ -282,7 +282,7 @@ def test_table1_shrunk_to_digits_runs_the_paper_pipeline_and_reports_every_cell(
     number = r"\d+\.\d\d"
     for row, cells in rows.items():
         for cell in cells[1:] if row == "student baseline" else cells:
-            assert re.fullmatch(rf"{number}( \([+−]{number}\))? · paper {number}( \([+−]{number}\))?", cell), (row, cell)
+            assert re.fullmatch(rf"{number}( \([+−]{number}\))?†? · paper {number}( \([+−]{number}\))?", cell), (row, cell)
     csv_rows = (tmp_path / "t1/report/report.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + 4 + 2 * 5  # header, baselines, two teacher rows of five cells
 
