@@ -4,10 +4,12 @@ Writes real pixels (scikit-learn's digits, upsampled to ``--size`` px, saved as 
 Tiny-ImageNet-200 layout, writes the ``.beton`` from that folder (when ffcv is installed), then
 times the training source of ``nt_dist.data.build_data`` with ``data.loader: device``, ``torch``
 and ``ffcv`` on the same images, resolution, augmentation and worker count: batches made,
-augmented and normalised on the device (here: the CPU), ready for a step. Only steady-state
-epochs count: each path's first epoch is discarded (numba compiles the ffcv pipeline there; the
-torch path warms its file cache; the device path decodes its cache before). Prints a markdown
-table, logs to MLflow (experiment ``benchmarks``), and ends with ``speedup device/torch: X.Xx``.
+augmented and normalised on the training device (CUDA where there is one, else the CPU), ready
+for a step. Only steady-state epochs count: each path's first epoch is discarded (numba compiles
+the ffcv pipeline there; the torch path warms its file cache; the device path decodes its cache
+before). The timed rounds run ``--repeat`` times (default 3); every figure is the median over
+those runs, with its range. Prints a markdown table, logs to MLflow (experiment ``benchmarks``),
+and ends with ``speedup device/torch: X.Xx (median of N runs, lo-hi)``.
 
     python benchmarks/loader_throughput.py --quick                        # rrc_flip, < 5 min on 2 cores
     python benchmarks/loader_throughput.py --quick --augment rotate_flip  # the Tiny-ImageNet pipeline
@@ -33,6 +35,10 @@ from nt_dist.config import DataConfig
 from nt_dist.data import build_data
 from nt_dist.data.synthetic import digit_images, write_tinyimagenet
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stats import median_range, summary  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where training would run
 EPOCHS_PER_ROUND = {"torch": 1, "ffcv": 3, "device": 3}  # the fast loaders' epochs are several times shorter
 
 
@@ -44,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=256, help="batch size")
     parser.add_argument("--images", type=int, default=0, help="training images (default 16384; --quick 4096)")
     parser.add_argument("--augment", default="rrc_flip", help="data.augment mode (ffcv: not rotate_flip)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs; figures are their median, with the range")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     args = parser.parse_args(argv)
     loaders = ["device", "torch"] + (["ffcv"] if _ffcv_usable(args.augment) else [])
@@ -61,27 +68,36 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("NT_DIST_CACHE", str(Path(tmp) / "cache"))
         prepare_s = time.perf_counter() - started
         load_before = os.getloadavg()[0]
-        rows = _measure(root, ffcv_dir, args, rounds, loaders)
+        runs = _measure(root, ffcv_dir, args, rounds, loaders, DEVICE)
         load_after = os.getloadavg()[0]
 
-    speedups = {name: rows[name]["images_per_s"] / rows["torch"]["images_per_s"] for name in rows if name != "torch"}
+    rows = {name: {"epochs": sum(r[name]["epochs"] for r in runs), "images": sum(r[name]["images"] for r in runs),
+                   "seconds": sum(r[name]["seconds"] for r in runs),
+                   "per_run": [r[name]["images_per_s"] for r in runs]} for name in runs[0]}
+    for row in rows.values():
+        row["images_per_s"] = median_range(row["per_run"])[0]
+    ratios = {name: [r[name]["images_per_s"] / r["torch"]["images_per_s"] for r in runs] for name in rows if name != "torch"}
+    speedups = {name: median_range(values)[0] for name, values in ratios.items()}
     params = {"size": args.size, "workers": args.workers, "batch": args.batch, "images": n_images,
               "quick": args.quick, "augment": args.augment, "beton": "jpg q90" if "ffcv" in rows else "-",
               "source": "digits upsampled, JPEG q95, Tiny-ImageNet layout",
-              "cpus": os.cpu_count(), "cpu": _cpu_name(), "load_average": f"{load_before:.1f}->{load_after:.1f}",
+              "cpus": os.cpu_count(), "cpu": _cpu_name(), "device": _device_name(DEVICE), "repeat": len(runs), "load_average": f"{load_before:.1f}->{load_after:.1f}",
               "torch": torch.__version__, "ffcv": version("ffcv") if "ffcv" in rows else "-"}
     if not args.no_mlflow:
         _log_mlflow(params, rows, speedups)
     print(f"\n{n_images} images, {args.size} px JPEG, {args.augment}, batch {args.batch}, "
-          f"{args.workers} workers, {os.cpu_count()} CPUs, load average {load_before:.1f} -> {load_after:.1f} "
-          f"(prepare: {prepare_s:.0f} s)\n")
-    print("| loader | epochs timed | images | seconds | images/s |")
-    print("|---|---|---|---|---|")
+          f"{args.workers} workers, {os.cpu_count()} CPUs, batches on {_device_name(DEVICE)}, "
+          f"load average {load_before:.1f} -> {load_after:.1f} (prepare: {prepare_s:.0f} s); "
+          f"median of {len(runs)} runs\n")
+    print("| loader | epochs timed | images | seconds | images/s, median | range over runs |")
+    print("|---|---|---|---|---|---|")
     for name, row in rows.items():
-        print(f"| {name} | {row['epochs']} | {row['images']} | {row['seconds']:.2f} | {row['images_per_s']:,.0f} |")
-    if "ffcv" in speedups:
-        print(f"speedup ffcv/torch: {speedups['ffcv']:.1f}x")
-    print(f"speedup device/torch: {speedups['device']:.1f}x")
+        low, high = min(row["per_run"]), max(row["per_run"])
+        print(f"| {name} | {row['epochs']} | {row['images']} | {row['seconds']:.2f} | {row['images_per_s']:,.0f} | "
+              f"{low:,.0f}-{high:,.0f} |")
+    if "ffcv" in ratios:
+        print(f"speedup ffcv/torch: {summary(ratios['ffcv'], '{:.1f}', 'x')}")
+    print(f"speedup device/torch: {summary(ratios['device'], '{:.1f}', 'x')}")
     return 0
 
 
@@ -105,26 +121,29 @@ def _write_layout(root: Path, n_images: int, size: int) -> None:
     write_tinyimagenet(root, wnids, train, val)
 
 
-def _measure(root: Path, ffcv_dir: Path, args: argparse.Namespace, rounds: int,
-             loaders: list[str]) -> dict[str, dict[str, float]]:
-    """Images/s of each loader's training source over steady-state epochs.
+def _measure(root: Path, ffcv_dir: Path, args: argparse.Namespace, rounds: int, loaders: list[str],
+             device: torch.device) -> list[dict[str, dict[str, float]]]:
+    """Images/s of each loader's training source over steady-state epochs, once per ``--repeat``.
 
     Each loader's epoch 0 is discarded (ffcv: numba compiles; torch: file cache). Then the timed
     epochs are interleaved, EPOCHS_PER_ROUND of each loader per round, so that load from other
-    processes on the machine hits all alike.
+    processes on the machine hits all alike. On CUDA an epoch ends when its last batch is made
+    (the device is synchronised).
     """
     sources = {}
     for loader in loaders:
         cfg = DataConfig(name="tinyimagenet", root=str(root), ffcv_dir=str(ffcv_dir), loader=loader,
                          image_size=args.size, batch_size=args.batch, num_workers=args.workers, augment=args.augment)
-        sources[loader] = build_data(cfg, seed=0, rank=0, world=1, device=torch.device("cpu")).train
-    totals = {loader: {"epochs": 0, "images": 0, "seconds": 0.0} for loader in sources}
+        sources[loader] = build_data(cfg, seed=0, rank=0, world=1, device=device).train
     next_epoch = dict.fromkeys(sources, 0)
+    totals: dict[str, dict[str, float]] = {}
 
     def run(loader: str, timed: bool) -> None:
         started, seen = time.perf_counter(), 0
         for _, labels in sources[loader].epoch(next_epoch[loader]):
             seen += len(labels)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
         print(f"{loader} epoch {next_epoch[loader]}: {seen} images in {seconds:.2f} s"
               f"{'' if timed else ' (warm-up, not counted)'}", file=sys.stderr)
@@ -135,11 +154,15 @@ def _measure(root: Path, ffcv_dir: Path, args: argparse.Namespace, rounds: int,
 
     for loader in sources:
         run(loader, timed=False)
-    for _ in range(rounds):
-        for loader in sources:
-            for _ in range(EPOCHS_PER_ROUND[loader]):
-                run(loader, timed=True)
-    return {loader: {**row, "images_per_s": row["images"] / row["seconds"]} for loader, row in totals.items()}
+    runs = []
+    for _ in range(max(1, args.repeat)):
+        totals = {loader: {"epochs": 0, "images": 0, "seconds": 0.0} for loader in sources}
+        for _ in range(rounds):
+            for loader in sources:
+                for _ in range(EPOCHS_PER_ROUND[loader]):
+                    run(loader, timed=True)
+        runs.append({loader: {**row, "images_per_s": row["images"] / row["seconds"]} for loader, row in totals.items()})
+    return runs
 
 
 def _log_mlflow(params: dict[str, object], rows: dict[str, dict[str, float]], speedups: dict[str, float]) -> None:
@@ -151,6 +174,10 @@ def _log_mlflow(params: dict[str, object], rows: dict[str, dict[str, float]], sp
         mlflow.log_params(params)
         mlflow.log_metrics({f"{name}_images_per_s": row["images_per_s"] for name, row in rows.items()}
                            | {f"speedup_{name}_over_torch": value for name, value in speedups.items()})
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({_cpu_name()})"
 
 
 def _cpu_name() -> str:

@@ -18,7 +18,9 @@ are what to compare) and the median step time of each is reported:
                   cached (after the first K epochs): the adversary's logits come from memory
   student ...     the same for Hinton KD from a frozen teacher
 
-Prints a markdown table, then ``nasty/normal step time: X.XX`` (the cached configuration, the
+The whole measurement runs ``--repeat`` times (default 3): every figure printed is the median
+of those runs, each ratio with its range over the runs. Prints a markdown table, then
+``nasty/normal step time: X.XX (median of N runs, lo-hi)`` (the cached configuration, the
 fastest exact one) as the last line, and logs to MLflow (experiment ``benchmarks``).
 On CUDA it also reports model FLOPs utilisation (MFU) against the GPU's dense peak.
 """
@@ -52,6 +54,9 @@ from nt_dist.objectives.kd import student_step  # noqa: E402
 from nt_dist.objectives.nasty import nasty_step  # noqa: E402
 from nt_dist.objectives.teacher import ce_step  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stats import summary  # noqa: E402
+
 # dense peak FLOP/s by (device-name fragment, precision)
 PEAKS = {("H100", "bf16"): 989e12, ("H100", "no"): 494e12, ("H200", "bf16"): 989e12, ("H200", "no"): 494e12,
          ("A100", "bf16"): 312e12, ("A100", "no"): 156e12}
@@ -70,6 +75,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bf16-frozen", action="store_true",
                    help="time the bf16 frozen-forward rows even where bf16 is not native (slow)")
     p.add_argument("--scaling", action="store_true", help="also run 2 processes and report scaling efficiency")
+    p.add_argument("--repeat", type=int, default=3, help="whole measurements; figures are their median, with the range")
     p.add_argument("--no-mlflow", action="store_true")
     p.add_argument("--worker-out", default="", help=argparse.SUPPRESS)  # internal: one process of --scaling
     args = p.parse_args(argv)
@@ -187,6 +193,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def repeated(args: argparse.Namespace) -> dict[str, Any]:
+    """``--repeat`` whole measurements: per role the median step time (and images/s, MFU) over
+    the runs, and every run's time relative to the same run's normal step (``ratios``)."""
+    runs = [measure(args) for _ in range(max(1, args.repeat))]
+    one = dict(runs[0])
+    one["seconds"] = {k: statistics.median(r["seconds"][k] for r in runs) for k in runs[0]["seconds"]}
+    one["images_per_s"] = {k: statistics.median(r["images_per_s"][k] for r in runs) for k in runs[0]["images_per_s"]}
+    if "mfu" in one:
+        one["mfu"] = {k: statistics.median(r["mfu"][k] for r in runs) for k in runs[0]["mfu"]}
+    one["ratios"] = {k: [r["seconds"][k] / r["seconds"]["normal"] for r in runs] for k in runs[0]["seconds"]}
+    one["runs"] = len(runs)
+    return one
+
+
 def launch(args: argparse.Namespace, processes: int) -> dict[str, Any]:
     """The same measurement under ``accelerate launch`` with ``processes`` processes (gloo on
     CPU). On CPU every process gets the same thread count (cores / 2), for both process
@@ -208,9 +228,8 @@ def launch(args: argparse.Namespace, processes: int) -> dict[str, Any]:
 
 
 def table(args: argparse.Namespace, one: dict[str, Any], scaling: tuple[dict[str, Any], dict[str, Any]] | None) -> str:
-    normal = one["seconds"]["normal"]
-    head = "| step | ms/step | images/s | vs normal |"
-    rule = "|---|---:|---:|---:|"
+    head = "| step | ms/step | images/s | vs normal | vs normal, range over runs |"
+    rule = "|---|---:|---:|---:|---:|"
     if "mfu" in one:
         head, rule = head + " MFU |", rule + "---:|"
     if scaling:
@@ -218,7 +237,9 @@ def table(args: argparse.Namespace, one: dict[str, Any], scaling: tuple[dict[str
         rule += "---:|---:|---:|"
     rows = [head, rule]
     for name, sec in one["seconds"].items():
-        row = f"| {name} | {sec * 1000:.1f} | {one['images_per_s'][name]:.0f} | {sec / normal:.3f} |"
+        ratios = one["ratios"][name]
+        row = (f"| {name} | {sec * 1000:.1f} | {one['images_per_s'][name]:.0f} | {statistics.median(ratios):.3f} | "
+               f"{min(ratios):.3f}-{max(ratios):.3f} |")
         if "mfu" in one:
             row += f" {100 * one['mfu'][name]:.1f} % |"
         if scaling:
@@ -237,13 +258,15 @@ def log_mlflow(args: argparse.Namespace, one: dict[str, Any],
     with mlflow.start_run(run_name=f"train_throughput {args.model} b{args.batch} {args.precision}"):
         mlflow.log_params({"model": args.model, "batch": args.batch, "image_size": args.image_size,
                            "precision": args.precision, "device": one["device"], "threads": one["threads"],
-                           "quick": args.quick, "channels_last": args.channels_last, "date": str(date.today())})
+                           "quick": args.quick, "channels_last": args.channels_last, "date": str(date.today()),
+                           "repeat": one["runs"]})
         slug = {k: k.replace(" (", "_").replace(")", "").replace(" ", "_") for k in one["seconds"]}
-        normal = one["seconds"]["normal"]
         for name, sec in one["seconds"].items():
             mlflow.log_metric(f"ms_per_step.{slug[name]}", sec * 1000)
             mlflow.log_metric(f"images_per_s.{slug[name]}", one["images_per_s"][name])
-            mlflow.log_metric(f"ratio.{slug[name]}", sec / normal)
+            mlflow.log_metric(f"ratio.{slug[name]}", statistics.median(one["ratios"][name]))
+            mlflow.log_metric(f"ratio_min.{slug[name]}", min(one["ratios"][name]))
+            mlflow.log_metric(f"ratio_max.{slug[name]}", max(one["ratios"][name]))
             if scaling:
                 mlflow.log_metric(f"scaling_efficiency.{slug[name]}",
                                   scaling[1]["images_per_s"][name] / (2 * scaling[0]["images_per_s"][name]))
@@ -253,7 +276,7 @@ def log_mlflow(args: argparse.Namespace, one: dict[str, Any],
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.worker_out:
-        result = measure(args)
+        result = repeated(args)
         import torch.distributed as dist
 
         if not dist.is_initialized() or dist.get_rank() == 0:
@@ -262,24 +285,24 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
         return 0
     started = time.perf_counter()
-    one = measure(args)
+    one = repeated(args)
     scaling = (launch(args, 1), launch(args, 2)) if args.scaling else None
     print(f"# train_throughput {date.today()}: {args.model}, {args.image_size} px, batch {args.batch}/process, "
           f"precision {args.precision}, {one['device']} (native bf16: {one['native_bf16']}), {one['threads']} threads, "
-          f"{args.rounds} rounds x {args.steps} steps per role ({time.perf_counter() - started:.0f} s)")
+          f"{args.rounds} rounds x {args.steps} steps per role; median of {one['runs']} runs "
+          f"({time.perf_counter() - started:.0f} s)")
     print(table(args, one, scaling))
     if not args.no_mlflow:
         log_mlflow(args, one, scaling)
-    s = one["seconds"]
-    naive = s["nasty (naive)"] / s["normal"]
-    cached = s["nasty (cached)"] / s["normal"]
+    r = one["ratios"]
     # amortised over a 200-epoch run whose 20 views are computed in the first 20 epochs
-    amortised = (20 * naive + 180 * cached) / 200
-    print(f"nasty/normal step time, naive (adversary forward every step): {naive:.2f}")
-    if "nasty (bf16 adversary)" in s:
-        print(f"nasty/normal step time, bf16 adversary forward every step: {s['nasty (bf16 adversary)'] / s['normal']:.2f}")
-    print(f"nasty/normal step time, cached, amortised over 200 epochs with 20 views: {amortised:.2f}")
-    print(f"nasty/normal step time: {cached:.2f}")
+    amortised = (20 * statistics.median(r["nasty (naive)"]) + 180 * statistics.median(r["nasty (cached)"])) / 200
+    print(f"nasty/normal step time, naive (adversary forward every step): {summary(r['nasty (naive)'])}")
+    if "nasty (bf16 adversary)" in r:
+        print(f"nasty/normal step time, bf16 adversary forward every step: {summary(r['nasty (bf16 adversary)'])}")
+    print(f"nasty/normal step time, cached, amortised over 200 epochs with 20 views: {amortised:.2f} "
+          "(computed from the naive and cached medians: (20 x naive + 180 x cached) / 200)")
+    print(f"nasty/normal step time: {summary(r['nasty (cached)'])}")
     return 0
 
 

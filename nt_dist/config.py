@@ -74,6 +74,9 @@ class RunConfig:
     keep_last: int = Field(default=2, ge=1, le=1000)  # complete checkpoints kept on disk
     max_steps: int = Field(default=0, ge=0)  # 0: no limit; >0 stops early (smoke tests)
     progress: bool = True  # tqdm bar on rank 0, on an interactive terminal only
+    # bit-identical reruns on a GPU: deterministic cuDNN/cuBLAS kernels, no cudnn.benchmark (slower);
+    # a CPU run is deterministic either way
+    deterministic: bool = False
     description: str = ""  # MLflow run description (markdown); "": the recipe file's header comment
 
     @field_validator("precision", mode="before")

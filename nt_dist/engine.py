@@ -31,6 +31,7 @@ def build_accelerator(recipe: Recipe, source: str = "<recipe>") -> Any:
     AcceleratorState._reset_state()
     precision = recipe.run.precision
     cuda = torch.cuda.is_available()
+    check_local_devices(source)
     if precision == "fp16" and not cuda:
         raise UserError(f"{source}: run.precision: fp16 needs a GPU; use bf16 or no on CPU")
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
@@ -45,9 +46,33 @@ def build_accelerator(recipe: Recipe, source: str = "<recipe>") -> Any:
     accelerator = Accelerator(cpu=not cuda and not deepspeed, mixed_precision=precision,
                               kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
     warn_emulated_bf16(accelerator, precision, source)
-    if accelerator.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv kernels once
+    set_determinism(accelerator.device, recipe.run.deterministic)
     return accelerator
+
+
+def check_local_devices(source: str) -> None:
+    """More processes on a machine than it has GPUs: accelerate would place a process on a GPU
+    that does not exist (``invalid device ordinal``, deep in a traceback)."""
+    if not torch.cuda.is_available():
+        return
+    local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local_rank >= visible:
+        local_world = os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1))
+        raise UserError(f"{source}: {local_world} processes on this machine but {visible} GPU(s) visible; launch "
+                        f"with --num_processes {visible} (or hide the GPUs, CUDA_VISIBLE_DEVICES='', to run on the CPU)")
+
+
+def set_determinism(device: torch.device, deterministic: bool) -> None:
+    """``run.deterministic``: on CUDA, deterministic cuDNN and cuBLAS kernels (a rerun or a resumed
+    run gives the same weights bit for bit); otherwise ``cudnn.benchmark`` picks the fastest conv
+    kernels once for the fixed input shapes. Set on every run: the flags are process-wide."""
+    cuda = device.type == "cuda"
+    if cuda and deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    if cuda or torch.are_deterministic_algorithms_enabled():
+        torch.use_deterministic_algorithms(cuda and deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = cuda and deterministic
+    torch.backends.cudnn.benchmark = cuda and not deterministic
 
 
 def warn_emulated_bf16(accelerator: Any, precision: str, source: str) -> None:

@@ -23,8 +23,10 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    from mlflow.tracking import MlflowClient
-
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:  # a GPU machine without MLflow (benchmarks/gpu_check.sh): tests that track skip
+        return uri
     MlflowClient(tracking_uri=uri).search_experiments()  # runs the migrations now
     return uri
 
@@ -38,10 +40,32 @@ def array_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+# ------------------------------------------------------------------------------ devices
+# Tests assert what the device they run on should do. TRAIN_DEVICE is where train() and
+# `accelerate launch` put a run (accelerate picks CUDA when there is one); DEVICES parametrises
+# the tests of device-resident code over every device present: "cuda" is marked `gpu` (run them
+# alone with `pytest -m gpu`) and skipped, with the reason, where there is no CUDA.
+import torch  # noqa: E402
+
+ON_CUDA = torch.cuda.is_available()
+TRAIN_DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+NO_CUDA = "no CUDA device on this machine (torch.cuda.is_available() is False)"
+needs_cuda = pytest.mark.skipif(not ON_CUDA, reason=NO_CUDA)
+DEVICES = [pytest.param(torch.device("cpu"), id="cpu"),
+           pytest.param(torch.device("cuda"), id="cuda", marks=[pytest.mark.gpu, needs_cuda])]
+
+
+def processes_env(processes: int) -> dict[str, str]:
+    """The environment for a launch of ``processes`` processes on this machine: on the GPUs
+    when there are that many, else on the CPU over gloo (the GPUs hidden), as a user would."""
+    return {} if torch.cuda.device_count() >= processes else {"CUDA_VISIBLE_DEVICES": ""}
+
+
 def tiny_overrides(out: Path, role: str = "teacher", **extra: str) -> list[str]:
     """A few-step digits run: 2 epochs of 8 steps at batch 32 on 256 images."""
     values = {
         "run.role": role, "run.output_dir": str(out), "run.epochs": "2", "run.progress": "false",
+        "run.deterministic": "true",
         "run.name": f"test_{role}", "data.train_subset": "256", "data.batch_size": "32",
         "tracking.experiment": "tests", **extra,
     }

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_overrides
+from conftest import DEVICES, REPO, tiny_overrides
 from test_faults import DROP_ROOT_RIGHTS, nt, one_error
 
 from nt_dist.config import DataConfig
@@ -48,24 +48,29 @@ def _warnings(err: str) -> list[str]:
 # ------------------------------------------------------------------ damaged entries
 
 
-def test_a_truncated_images_file_is_named_and_decoded_again(tmp_path: Path, capfd: pytest.CaptureFixture[str]):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_truncated_images_file_is_named_and_decoded_again(tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                                                            device: torch.device):
     cache = tmp_path / "cache"
     images, labels = _reference(cache)
     path = _train_entry(cache) / "images.npy"
     size = path.stat().st_size
     os.truncate(path, size // 2)  # numpy's memory map raised 'mmap length is greater than file size'
     capfd.readouterr()
-    train = build_data(_cfg(cache), 0, 0, 1, CPU).train
-    assert torch.equal(train.images, images) and torch.equal(train.labels, labels)
+    train = build_data(_cfg(cache), 0, 0, 1, device).train
+    assert train.images.device.type == train.labels.device.type == device.type
+    assert torch.equal(train.images.cpu(), images) and torch.equal(train.labels.cpu(), labels)
     assert path.stat().st_size == size
     assert _warnings(capfd.readouterr().err) == [
         f"nt-dist: warning: {path} is {size // 2:,} bytes, expected {size:,} (truncated or overwritten); "
         "decoding digits training split again"]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", range(3))
 def test_pixels_changed_in_place_anywhere_are_found_and_decoded_again(tmp_path: Path, seed: int,
-                                                                    capfd: pytest.CaptureFixture[str]):
+                                                                    capfd: pytest.CaptureFixture[str],
+                                                                    device: torch.device):
     """One byte at a random place, the size unchanged: the check hashes every byte, so no place
     escapes it (a sampled check would miss most of them)."""
     cache = tmp_path / "cache"
@@ -80,8 +85,8 @@ def test_pixels_changed_in_place_anywhere_are_found_and_decoded_again(tmp_path: 
         handle.write(bytes([old ^ 0x5A]))
     assert path.stat().st_size == size
     capfd.readouterr()
-    train = build_data(_cfg(cache), 0, 0, 1, CPU).train
-    assert torch.equal(train.images, images)
+    train = build_data(_cfg(cache), 0, 0, 1, device).train
+    assert torch.equal(train.images.cpu(), images)
     assert _warnings(capfd.readouterr().err) == [
         f"nt-dist: warning: {path} does not match the sha256 recorded when it was written (changed on disk); "
         "decoding digits training split again"]

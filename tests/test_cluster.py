@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, free_port, tiny_overrides
+from conftest import REPO, free_port, processes_env, tiny_overrides
 
 pytestmark = pytest.mark.distributed
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -46,7 +46,7 @@ def launch_deepspeed(stage: int, recipe: str, overrides: list[str]) -> None:
            "--num_processes", "2", "--main_process_port", str(free_port()),
            "-m", "nt_dist.train", str(REPO / "recipes" / recipe), *args(overrides)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **processes_env(2)})
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -136,7 +136,7 @@ def test_an_fsdp_launch_is_refused_in_one_line(tmp_path: Path):
            "-m", "nt_dist.train", str(REPO / "recipes" / "digits_teacher.yaml"),
            *args(tiny_overrides(tmp_path / "out", **{"tracking.enabled": "false"}))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **processes_env(2)})
     assert proc.returncode != 0
     # once for the job: every rank meets the error, rank 0 reports it (the launcher stops the
     # others as soon as one exits, so a line from each rank was a race under load)
@@ -158,7 +158,7 @@ def test_slurm_script_checkpoints_requeues_and_resumes_on_usr1(tmp_path: Path):
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "NT_PYTHON": sys.executable,
            "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_ID": job_id, "SLURM_JOB_NODELIST": "localhost",
            "NT_GPUS_PER_NODE": "2", "NT_ACCELERATE_CONFIG": str(CLUSTER / "cpu_2proc.yaml"),
-           "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+           "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", **processes_env(2)}
     job = [str(CLUSTER / "slurm" / "train.sbatch"), str(REPO / "recipes" / "digits_teacher.yaml"), *args(overrides)]
     first = subprocess.Popen(job, cwd=REPO, env={**env, "MASTER_PORT": str(free_port())},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

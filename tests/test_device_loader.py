@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICES
 from conftest_data import assert_one_line_error
 from PIL import Image
 
@@ -212,30 +213,35 @@ def test_random_resized_crops_match_the_torch_loader():
 # --------------------------------------------------------------------------- the sources
 
 
-def test_evaluation_images_are_the_torch_loaders(tiny: Path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_evaluation_images_are_the_torch_loaders(tiny: Path, device: torch.device):
     for cfg in (_cfg(), _cfg(name="tinyimagenet", root=str(tiny), image_size=16, augment="rotate_flip"),
                 _cfg(name="tinyimagenet", root=str(tiny), image_size=16, augment="rrc_flip", eval_batch_size=2)):
-        device = build_data(cfg, 0, 0, 1, CPU)
+        resident = build_data(cfg, 0, 0, 1, device)
         reference = build_data(dataclasses.replace(cfg, loader="torch"), 0, 0, 1, CPU)
-        assert isinstance(device.eval, DeviceEvalSource) and len(device.eval) == len(reference.eval)
-        for (x, y), (x_ref, y_ref) in zip(device.eval.batches(), reference.eval.batches(), strict=True):
-            assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+        assert isinstance(resident.eval, DeviceEvalSource) and len(resident.eval) == len(reference.eval)
+        for (x, y), (x_ref, y_ref) in zip(resident.eval.batches(), reference.eval.batches(), strict=True):
+            assert x.device.type == y.device.type == device.type
+            assert torch.equal(x.cpu(), x_ref) and torch.equal(y.cpu(), y_ref)
 
 
-def test_without_augmentation_training_batches_are_the_torch_loaders(tiny: Path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_without_augmentation_training_batches_are_the_torch_loaders(tiny: Path, device: torch.device):
     cfg = _cfg(name="tinyimagenet", root=str(tiny), augment="none", batch_size=4)
-    device = build_data(cfg, 5, 0, 1, CPU).train
+    resident = build_data(cfg, 5, 0, 1, device).train
     reference = build_data(dataclasses.replace(cfg, loader="torch"), 5, 0, 1, CPU).train
-    assert isinstance(device, DeviceTrainSource) and isinstance(reference, TorchTrainSource)
-    assert device.batch_indices(1) == reference.batch_indices(1)
-    for (x, y), (x_ref, y_ref) in zip(device.epoch(1), reference.epoch(1), strict=True):
-        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    assert isinstance(resident, DeviceTrainSource) and isinstance(reference, TorchTrainSource)
+    assert resident.images.device.type == device.type
+    assert resident.batch_indices(1) == reference.batch_indices(1)
+    for (x, y), (x_ref, y_ref) in zip(resident.epoch(1), reference.epoch(1), strict=True):
+        assert torch.equal(x.cpu(), x_ref) and torch.equal(y.cpu(), y_ref)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["shift", "pad_crop_flip", "rotate_flip", "rrc_flip"])
-def test_batches_do_not_depend_on_the_process_count(mode: str):
-    one = build_data(_cfg(augment=mode, batch_size=8), 3, 0, 1, CPU).train
-    two = [build_data(_cfg(augment=mode, batch_size=4), 3, rank, 2, CPU).train for rank in (0, 1)]
+def test_batches_do_not_depend_on_the_process_count(mode: str, device: torch.device):
+    one = build_data(_cfg(augment=mode, batch_size=8), 3, 0, 1, device).train
+    two = [build_data(_cfg(augment=mode, batch_size=4), 3, rank, 2, device).train for rank in (0, 1)]
     assert one.steps_per_epoch == two[0].steps_per_epoch
     whole = _epoch(one, 2)
     halves = [_epoch(source, 2) for source in two]
@@ -244,9 +250,10 @@ def test_batches_do_not_depend_on_the_process_count(mode: str):
     assert whole[0][0].std() > 0 and not torch.equal(whole[0][0], _epoch(one, 3)[0][0])  # augmented afresh
 
 
-def test_the_same_run_sees_the_same_images_and_resumes_mid_epoch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_same_run_sees_the_same_images_and_resumes_mid_epoch(device: torch.device):
     cfg = _cfg(augment="rotate_flip")
-    first, second = (build_data(cfg, 1, 0, 1, CPU).train for _ in range(2))
+    first, second = (build_data(cfg, 1, 0, 1, device).train for _ in range(2))
     full = _epoch(first, 4)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full, _epoch(second, 4), strict=True))
     tail = _epoch(second, 4, start=5)
@@ -254,8 +261,9 @@ def test_the_same_run_sees_the_same_images_and_resumes_mid_epoch():
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[5:], tail, strict=True))
 
 
-def test_fixed_views_repeat_every_k_epochs():
-    source = build_data(_cfg(augment="pad_crop_flip", augment_views=2, batch_size=16), 0, 0, 1, CPU).train
+@pytest.mark.parametrize("device", DEVICES)
+def test_fixed_views_repeat_every_k_epochs(device: torch.device):
+    source = build_data(_cfg(augment="pad_crop_flip", augment_views=2, batch_size=16), 0, 0, 1, device).train
 
     def images_by_index(epoch: int) -> dict[int, torch.Tensor]:
         out = {}
@@ -269,9 +277,10 @@ def test_fixed_views_repeat_every_k_epochs():
     assert sum(not torch.equal(e0[i], e1[i]) for i in common) > 35  # 9 x 9 x 2 views: rarely equal
 
 
-def test_evaluation_shards_are_disjoint_and_complete():
-    shards = [build_data(_cfg(eval_batch_size=7), 0, rank, 3, CPU).eval for rank in range(3)]
-    labels = [torch.cat([y for _, y in shard.batches()]) for shard in shards]
+@pytest.mark.parametrize("device", DEVICES)
+def test_evaluation_shards_are_disjoint_and_complete(device: torch.device):
+    shards = [build_data(_cfg(eval_batch_size=7), 0, rank, 3, device).eval for rank in range(3)]
+    labels = [torch.cat([y for _, y in shard.batches()]).cpu() for shard in shards]
     assert sum(len(y) for y in labels) == len(shards[0]) == 360
     merged = torch.empty(360, dtype=torch.long)
     for rank, y in enumerate(labels):
@@ -280,9 +289,10 @@ def test_evaluation_shards_are_disjoint_and_complete():
     assert torch.equal(merged, reference)
 
 
-def test_train_subset_takes_the_first_samples():
-    whole = build_data(_cfg(), 0, 0, 1, CPU)
-    part = build_data(_cfg(train_subset=100), 0, 0, 1, CPU)
+@pytest.mark.parametrize("device", DEVICES)
+def test_train_subset_takes_the_first_samples(device: torch.device):
+    whole = build_data(_cfg(), 0, 0, 1, device)
+    part = build_data(_cfg(train_subset=100), 0, 0, 1, device)
     assert part.train_size == 100 and part.train.steps_per_epoch == 100 // 8
     assert torch.equal(part.train.labels, whole.train.labels[:100])
 
@@ -323,18 +333,19 @@ def test_a_half_written_entry_is_never_read(tmp_path: Path):
     assert not list(cache.glob("*.tmp-*"))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 def test_a_split_that_does_not_fit_is_one_line_or_falls_back(monkeypatch: pytest.MonkeyPatch,
-                                                            capfd: pytest.CaptureFixture[str]):
+                                                            capfd: pytest.CaptureFixture[str], device: torch.device):
     monkeypatch.setattr(device_loader, "free_bytes", lambda device: 1_000_000)  # digits at 16 px: 1.4 MiB
     with pytest.raises(UserError) as info:
-        build_data(_cfg(loader="device"), 0, 0, 1, CPU)
+        build_data(_cfg(loader="device"), 0, 0, 1, device)
     assert_one_line_error(info.value, "data.loader: device", "digits decoded at 16 px", "1,437 + 360 images",
-                          "data.loader: torch", "ffcv")
-    bundle = build_data(_cfg(loader="auto"), 0, 0, 1, CPU)
+                          "data.loader: torch", "ffcv", f"free on {device}")
+    bundle = build_data(_cfg(loader="auto"), 0, 0, 1, device)
     assert isinstance(bundle.train, TorchTrainSource)
     assert "data.loader: auto" in capfd.readouterr().err
     monkeypatch.setattr(device_loader, "free_bytes", lambda device: 10**9)
-    assert isinstance(build_data(_cfg(loader="auto"), 0, 0, 1, CPU).train, DeviceTrainSource)
+    assert isinstance(build_data(_cfg(loader="auto"), 0, 0, 1, device).train, DeviceTrainSource)
 
 
 def test_an_unwritable_cache_folder_is_one_line(tmp_path: Path):

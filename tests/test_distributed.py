@@ -1,4 +1,5 @@
-"""Real multi-process runs: `accelerate launch` with 2 CPU processes over gloo."""
+"""Real multi-process runs: `accelerate launch` with 2 processes (2 GPUs over NCCL where there are
+two, else 2 CPU processes over gloo)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_overrides
+from conftest import REPO, processes_env, tiny_overrides
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
@@ -26,7 +27,8 @@ def launch(launcher: list[str], recipe: str, overrides: list[str], timeout: int 
     cmd = [*launcher, "-m", "nt_dist.train", str(REPO / "recipes" / recipe)]
     for item in overrides:
         cmd += ["--set", item]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    processes = 2 if launcher is LAUNCH_2 else 1
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **processes_env(processes)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_overrides
+from conftest import DEVICES, REPO, TRAIN_DEVICE, tiny_overrides
 from safetensors.torch import load_file, save_file
 
 from nt_dist.config import load_recipe, replace
@@ -29,19 +29,20 @@ class Counting(torch.nn.Module):
         return self.inner(x)
 
 
-def test_cache_serves_repeated_views_without_a_forward():
+@pytest.mark.parametrize("device", DEVICES)
+def test_cache_serves_repeated_views_without_a_forward(device: torch.device):
     torch.manual_seed(0)
-    net = Counting(create_model("cifar_cnn", 10).eval())
-    cached = FrozenNetwork(net, LogitCache(samples=8, views=2, classes=10, device=torch.device("cpu")))
-    images = torch.randn(8, 3, 16, 16)
-    index = torch.tensor([3, 1, 7, 0])
+    net = Counting(create_model("cifar_cnn", 10).eval().to(device))
+    cached = FrozenNetwork(net, LogitCache(samples=8, views=2, classes=10, device=device))
+    images = torch.randn(8, 3, 16, 16, device=device)
+    index = torch.tensor([3, 1, 7, 0], device=device)
     first = cached(images[index], index, epoch=0)  # view 0: computed
     assert net.images == 4
     again = cached(images[index], index, epoch=2)  # epoch 2 -> view 0 again: served
     assert net.images == 4 and torch.equal(first, again)
     other = cached(images[index], index, epoch=1)  # view 1: computed
     assert net.images == 8
-    mixed = torch.tensor([3, 5])  # one known, one new sample
+    mixed = torch.tensor([3, 5], device=device)  # one known, one new sample
     cached(images[mixed], mixed, epoch=0)
     assert net.images == 9 and (cached.hits, cached.misses) == (5, 9)
     with torch.inference_mode():
@@ -50,9 +51,10 @@ def test_cache_serves_repeated_views_without_a_forward():
     torch.testing.assert_close(other, reference)  # same images here, so the same logits
 
 
-def test_complete_cache_stops_filling():
-    cache = LogitCache(samples=2, views=1, classes=3, device=torch.device("cpu"))
-    cache.store(torch.tensor([0, 1]), torch.tensor([0, 0]), torch.ones(2, 3))
+@pytest.mark.parametrize("device", DEVICES)
+def test_complete_cache_stops_filling(device: torch.device):
+    cache = LogitCache(samples=2, views=1, classes=3, device=device)
+    cache.store(torch.tensor([0, 1], device=device), torch.tensor([0, 0], device=device), torch.ones(2, 3, device=device))
     assert cache.complete and cache.count == 2
 
 
@@ -86,12 +88,13 @@ def test_cache_needs_repeating_views(tmp_path: Path):
 # ---------------------------------------------------------------------------- frozen precision
 
 
-def test_frozen_precision_bf16_is_bf16_autocast_returned_in_fp32():
+@pytest.mark.parametrize("device", DEVICES)
+def test_frozen_precision_bf16_is_bf16_autocast_returned_in_fp32(device: torch.device):
     torch.manual_seed(0)
-    net = create_model("cifar_cnn", 10).eval()
-    images = torch.randn(16, 3, 16, 16)
+    net = create_model("cifar_cnn", 10).eval().to(device)
+    images = torch.randn(16, 3, 16, 16, device=device)
     exact = frozen_logits(net, images, "fp32")
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
         reference = net(images).float()  # what bf16 autocast gives for the whole forward
     rounded = frozen_logits(net, images, "bf16")
     assert rounded.dtype == torch.float32 and not rounded.is_inference()
@@ -100,35 +103,38 @@ def test_frozen_precision_bf16_is_bf16_autocast_returned_in_fp32():
     torch.testing.assert_close(rounded, exact, rtol=0.05, atol=0.05)  # ... and stays close
 
 
-def test_frozen_precision_fp32_and_run_under_a_bf16_training_step():
+@pytest.mark.parametrize("device", DEVICES)
+def test_frozen_precision_fp32_and_run_under_a_bf16_training_step(device: torch.device):
     torch.manual_seed(0)
-    net = create_model("cifar_cnn", 10).eval()
-    images = torch.randn(4, 3, 16, 16)
+    net = create_model("cifar_cnn", 10).eval().to(device)
+    images = torch.randn(4, 3, 16, 16, device=device)
     with torch.inference_mode():
         exact = net(images)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # run.precision: bf16
+    with torch.autocast(device.type, dtype=torch.bfloat16):  # run.precision: bf16
         full = frozen_logits(net, images, "fp32")
         inherited = frozen_logits(net, images, "run")
     assert full.dtype == torch.float32 and torch.equal(full, exact)
     assert inherited.dtype == torch.bfloat16
 
 
-def test_cached_logits_use_the_frozen_precision():
+@pytest.mark.parametrize("device", DEVICES)
+def test_cached_logits_use_the_frozen_precision(device: torch.device):
     torch.manual_seed(0)
-    net = create_model("cifar_cnn", 10).eval()
-    images = torch.randn(4, 3, 16, 16)
-    cached = FrozenNetwork(net, LogitCache(samples=4, views=1, classes=10, device=torch.device("cpu")),
-                           precision="bf16")
-    torch.testing.assert_close(cached(images, torch.arange(4), 0), frozen_logits(net, images, "bf16"), rtol=0, atol=0)
+    net = create_model("cifar_cnn", 10).eval().to(device)
+    images = torch.randn(4, 3, 16, 16, device=device)
+    cached = FrozenNetwork(net, LogitCache(samples=4, views=1, classes=10, device=device), precision="bf16")
+    torch.testing.assert_close(cached(images, torch.arange(4, device=device), 0), frozen_logits(net, images, "bf16"),
+                               rtol=0, atol=0)
 
 
-def test_a_bf16_adversary_moves_the_nasty_gradient_by_rounding_only():
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_bf16_adversary_moves_the_nasty_gradient_by_rounding_only(device: torch.device):
     """One nasty step (ω = 0.08, τ = 4) with the adversary's forward in bf16:
     the teacher's parameter gradients stay within 1 % of the fp32 ones."""
     torch.manual_seed(0)
-    adversary = create_model("cifar_cnn", 10).eval()
-    teacher = create_model("cifar_cnn", 10)
-    images, labels = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
+    adversary = create_model("cifar_cnn", 10).eval().to(device)
+    teacher = create_model("cifar_cnn", 10).to(device)
+    images, labels = torch.randn(32, 3, 16, 16).to(device), torch.randint(0, 10, (32,)).to(device)
     grads = {}
     for precision in ("fp32", "bf16"):
         teacher.zero_grad()
@@ -154,7 +160,7 @@ def test_nasty_training_with_a_bf16_adversary(tmp_path: Path, capsys: pytest.Cap
                           tiny_overrides(out, "nasty", **common, **{"nasty.adversary_precision": precision})))
         runs[precision] = weights(out)
         warned = "nasty.adversary_precision: bf16 has no hardware support" in capsys.readouterr().err
-        assert warned == (precision == "bf16" and not native_bf16(torch.device("cpu")))
+        assert warned == (precision == "bf16" and not native_bf16(TRAIN_DEVICE))
     assert all(torch.equal(runs["run"][name], value) for name, value in runs["fp32"].items())
     assert not all(torch.equal(runs["bf16"][name], value) for name, value in runs["fp32"].items())
 

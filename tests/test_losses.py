@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICES
 
 from nt_dist.losses import kd_loss, nasty_teacher_loss, soft_kl
 
@@ -14,8 +15,8 @@ KL_P_Q = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)  # 0.130812..
 KL_Q_P = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)  # 0.143841...
 
 
-def t(*rows):
-    return torch.tensor(rows, dtype=torch.float32)
+def t(*rows, device: torch.device | str = "cpu"):
+    return torch.tensor(rows, dtype=torch.float32, device=device)
 
 
 def test_soft_kl_matches_hand_value_and_direction():
@@ -35,8 +36,9 @@ def test_soft_kl_temperature_divides_logits_and_batch_is_averaged():
     assert soft_kl(p2, q2, tau=1.0).item() == pytest.approx(KL_P_Q / 2, abs=1e-6)
 
 
-def test_kd_loss_hand_value():
-    student, teacher, y = t([0.0, 0.0]), t([0.0, LN3]), torch.tensor([1])
+@pytest.mark.parametrize("device", DEVICES)
+def test_kd_loss_hand_value(device: torch.device):
+    student, teacher, y = t([0.0, 0.0], device=device), t([0.0, LN3], device=device), torch.tensor([1], device=device)
     alpha, tau = 0.9, 1.0
     expected = alpha * tau**2 * KL_P_Q + (1 - alpha) * math.log(2.0)  # CE([0,0], 1) = ln 2
     loss, parts = kd_loss(student, teacher, y, alpha=alpha, tau=tau, return_parts=True)
@@ -51,14 +53,15 @@ def test_kd_loss_tau_squared_scaling():
     assert loss.item() == pytest.approx(4.0 * KL_P_Q, abs=1e-6)
 
 
-def test_nasty_loss_hand_value():
-    teacher, adversary, y = t([0.0, LN3]), t([0.0, 0.0]), torch.tensor([1])
+@pytest.mark.parametrize("device", DEVICES)
+def test_nasty_loss_hand_value(device: torch.device):
+    teacher, adversary, y = t([0.0, LN3], device=device), t([0.0, 0.0], device=device), torch.tensor([1], device=device)
     omega, tau = 0.5, 1.0
     ce = -math.log(0.75)  # CE([0, ln 3], 1)
     loss, parts = nasty_teacher_loss(teacher, adversary, y, omega=omega, tau=tau, return_parts=True)
     assert loss.item() == pytest.approx(ce - omega * KL_P_Q, abs=1e-6)
     assert parts["kl"].item() == pytest.approx(KL_P_Q, abs=1e-6)  # KL(teacher ‖ adversary), not reverse
-    loss_t2 = nasty_teacher_loss(t([0.0, 2 * LN3]), adversary, y, omega=omega, tau=2.0)
+    loss_t2 = nasty_teacher_loss(t([0.0, 2 * LN3], device=device), adversary, y, omega=omega, tau=2.0)
     assert loss_t2.item() == pytest.approx(-math.log(0.9) - omega * 4.0 * KL_P_Q, abs=1e-6)
 
 
@@ -86,15 +89,16 @@ def test_kd_loss_gradient_never_reaches_teacher():
     assert teacher.grad is None and student.grad is not None
 
 
-def test_kl_is_float32_under_bf16_autocast():
+@pytest.mark.parametrize("device", DEVICES)
+def test_kl_is_float32_under_bf16_autocast(device: torch.device):
     torch.manual_seed(0)
-    layer = torch.nn.Linear(8, 200)
-    x = torch.randn(4, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    layer = torch.nn.Linear(8, 200).to(device)
+    x = torch.randn(4, 8).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         logits = layer(x)
         adversary = layer(x + 0.01)
         assert logits.dtype == torch.bfloat16
-        loss, parts = nasty_teacher_loss(logits, adversary, torch.tensor([0, 1, 2, 3]),
+        loss, parts = nasty_teacher_loss(logits, adversary, torch.tensor([0, 1, 2, 3], device=device),
                                          omega=0.01, tau=20.0, return_parts=True)
     assert loss.dtype == torch.float32 and parts["kl"].dtype == torch.float32
     # equal to the fp32 computation on the same (bf16-rounded) logits

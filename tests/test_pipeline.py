@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import processes_env
 from mlflow.tracking import MlflowClient
 
 from nt_dist import pipeline
@@ -171,7 +172,7 @@ def test_run_skips_finished_stages_and_a_failure_stops_only_its_dependants(tmp_p
 def test_a_launcher_config_runs_each_stage_through_accelerate_launch(tmp_path: Path):
     path = write_pipeline(tmp_path, nasty={}, students={}, launcher=str(REPO / "cluster/cpu_2proc.yaml"))
     proc = subprocess.run([NT_DIST, "pipeline", str(path), "--no-report"], capture_output=True, text=True,
-                          timeout=600, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          timeout=600, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", **processes_env(2)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "1 stages: 1 ran" in proc.stdout
     log = (tmp_path / "runs/logs/seed0__teacher__cnn-normal.log").read_text()

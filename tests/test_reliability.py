@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, MlflowServer, tiny_overrides
+from conftest import REPO, MlflowServer, processes_env, tiny_overrides
 from mlflow.tracking import MlflowClient
 from test_faults import one_error
 
@@ -57,7 +57,7 @@ def test_a_dead_rank_ends_the_whole_job_promptly(tmp_path: Path):
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            "-m", "nt_dist.train", str(REPO / "recipes" / "digits_teacher.yaml"), *args(overrides)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **processes_env(2)}, start_new_session=True)
     try:
         deadline = time.time() + 180
         while not list((out / "checkpoints").glob("step_*")) and time.time() < deadline:

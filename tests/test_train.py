@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_overrides
+from conftest import ON_CUDA, REPO, tiny_overrides
+from conftest_data import assert_one_line_error
 from safetensors import safe_open
 
 from nt_dist.checkpoint import export_model, load_frozen_model
@@ -66,7 +67,8 @@ def test_epoch_metrics_carry_loss_parts(chain: dict[str, Path], role: str, parts
     for e in epochs:
         assert {f"train_{p}" for p in parts | {"loss"}} <= set(e)
         assert e["images_per_s"] > 0 and e["epoch_time_s"] > 0
-        assert "peak_memory_mb" not in e  # device memory, logged on a GPU only
+        assert ("peak_memory_mb" in e) == ON_CUDA  # device memory, logged on a GPU only
+        assert e.get("peak_memory_mb", 1) > 0
     if role == "nasty":  # loss = ce - omega * tau^2 * kl, with the recipe's omega=0.05, tau=8
         e = epochs[-1]
         assert e["train_loss"] == pytest.approx(e["train_ce"] - 0.05 * 64 * e["train_kl"], rel=1e-4, abs=1e-5)
@@ -163,3 +165,19 @@ def test_channels_last_compile_and_bf16_autocast_train_on_cpu(tmp_path: Path):
     weights = load_file(str(out / "model.safetensors"))
     assert all(not k.startswith("_orig_mod") for k in weights)  # the export is the plain module
     assert {v.dtype for v in weights.values()} == {torch.float32}
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch: pytest.MonkeyPatch):
+    """The second of two processes on a one-GPU machine would be put on a GPU that does not exist."""
+    from nt_dist import engine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(UserError) as info:
+        engine.check_local_devices("recipe.yaml")
+    assert_one_line_error(info.value, "recipe.yaml: 2 processes on this machine but 1 GPU(s) visible",
+                          "--num_processes 1", "CUDA_VISIBLE_DEVICES=''")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    engine.check_local_devices("recipe.yaml")  # the first process has its GPU

@@ -66,6 +66,7 @@ FORMAT = 2  # 2: meta.json records the size and block digests of each data file
 ENV = "NT_DIST_CACHE"
 DATA_FILES = ("images.npy", "labels.npy")
 BLOCK = 16 << 20  # bytes per digest, the unit hashed in parallel: CIFAR ~10 blocks, ImageNet at 64 px ~970
+COPY_CHUNK_BYTES = 256 << 20  # a split goes to the GPU in copies of at most this many bytes
 HASH_THREADS = 8  # past this, reading the file is the limit, not hashing it
 
 
@@ -189,7 +190,7 @@ def load(entry: Entry, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
     if device.type == "cpu":
         return torch.from_numpy(images), labels
     out = torch.empty(images.shape, dtype=torch.uint8, device=device)
-    chunk = max(1, (256 << 20) // max(1, images[0].nbytes))  # 256 MiB per copy
+    chunk = max(1, COPY_CHUNK_BYTES // max(1, images[0].nbytes))  # the host holds one chunk at a time
     for start in range(0, len(images), chunk):
         out[start:start + chunk].copy_(torch.from_numpy(np.array(images[start:start + chunk])))  # a writable copy
     return out, labels
