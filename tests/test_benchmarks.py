@@ -72,7 +72,7 @@ def test_gpu_check_runs_every_step_with_tiny_sizes(tmp_path):
     if not ON_CUDA:
         assert "no CUDA device on this machine" in summary
     peaks = next(line for line in summary.splitlines() if line.startswith("| peak_memory_mb per epoch | "))
-    values = peaks.split(" | ")[1].split(", ")
+    values = peaks.strip("| ").split(" | ")[1].split(", ")
     assert all(v.isdigit() and int(v) > 0 for v in values) if ON_CUDA else set(values) == {"-"}, peaks  # GPU only
     assert summary.count("end-to-end/step-only (device loader): ") == 4
     for loader, role in (("device", "teacher"), ("device", "nasty"), ("torch", "teacher"), ("torch", "nasty")):
