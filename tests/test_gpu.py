@@ -192,8 +192,9 @@ def test_model_compile_trains_and_exports_the_plain_weights(tmp_path: Path):
 
 
 def test_the_step_benchmark_reports_mfu(tmp_path: Path):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/train_throughput.py"), "--model", "cifar_cnn",
-                           "--batch", "64", "--rounds", "1", "--steps", "2", "--precision", "bf16", "--no-mlflow"],
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/train_throughput.py"), "--model", "cifar_resnet18",
+                           "--batch", "128", "--rounds", "1", "--steps", "3", "--precision", "bf16", "--repeat", "1",
+                           "--no-mlflow"],  # large enough a step that its MFU shows at one decimal
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     header = next(line for line in proc.stdout.splitlines() if line.startswith("| step |"))
