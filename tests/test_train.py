@@ -179,5 +179,8 @@ def test_more_processes_than_gpus_is_one_line(monkeypatch: pytest.MonkeyPatch):
         engine.check_local_devices("recipe.yaml")
     assert_one_line_error(info.value, "recipe.yaml: 2 processes on this machine but 1 GPU(s) visible",
                           "--num_processes 1", "CUDA_VISIBLE_DEVICES=''")
+    documented = next(line for line in (REPO / "docs" / "errors.md").read_text().splitlines()
+                      if line.startswith("| more processes on a machine than it has GPUs"))
+    assert f"`nt-dist: error: {info.value}`" in documented  # docs/errors.md shows the real line
     monkeypatch.setenv("LOCAL_RANK", "0")
     engine.check_local_devices("recipe.yaml")  # the first process has its GPU
