@@ -106,3 +106,13 @@ class MlflowServer:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, 15)
             self.proc.wait(timeout=30)
+
+
+def documented_errors() -> dict[str, str]:
+    """The table of bad inputs in docs/errors.md: label -> the error line it promises."""
+    rows = {}
+    for line in (REPO / "docs" / "errors.md").read_text().splitlines():
+        if line.startswith("| ") and "`nt-dist: error: " in line:
+            label, shown = line.strip("| ").split(" | ", 1)
+            rows[label] = shown.strip(" |`")
+    return rows

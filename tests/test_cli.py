@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ON_CUDA, REPO
+from conftest import ON_CUDA, REPO, documented_errors
 
 NT_DIST = str(Path(sys.executable).with_name("nt-dist"))
 
@@ -74,16 +74,6 @@ def test_fp16_trains_on_a_gpu_and_is_refused_on_a_cpu(tmp_path: Path):
         assert json.loads((tmp_path / "out" / "metrics.json").read_text())["global_step"] == 2
     else:
         assert_one_line_error(proc, "digits_teacher.yaml: run.precision: fp16 needs a GPU")
-
-
-def documented_errors() -> dict[str, str]:
-    """The table of bad inputs in docs/errors.md: label -> the error line it promises."""
-    rows = {}
-    for line in (REPO / "docs" / "errors.md").read_text().splitlines():
-        if line.startswith("| ") and "`nt-dist: error: " in line:
-            label, shown = line.strip("| ").split(" | ", 1)
-            rows[label] = shown.strip(" |`")
-    return rows
 
 
 # ten levels of nine aliases: 4,412,961,486 values once expanded, 0.3 KiB as text

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ON_CUDA, REPO, tiny_overrides
+from conftest import ON_CUDA, REPO, documented_errors, tiny_overrides
 from conftest_data import assert_one_line_error
 from safetensors import safe_open
 
@@ -179,8 +179,7 @@ def test_more_processes_than_gpus_is_one_line(monkeypatch: pytest.MonkeyPatch):
         engine.check_local_devices("recipe.yaml")
     assert_one_line_error(info.value, "recipe.yaml: 2 processes on this machine but 1 GPU(s) visible",
                           "--num_processes 1", "CUDA_VISIBLE_DEVICES=''")
-    documented = next(line for line in (REPO / "docs" / "errors.md").read_text().splitlines()
-                      if line.startswith("| more processes on a machine than it has GPUs"))
-    assert f"`nt-dist: error: {info.value}`" in documented  # docs/errors.md shows the real line
+    shown = documented_errors()["more processes on a machine than it has GPUs (`accelerate launch --num_processes 2` on a one-GPU machine)"]
+    assert shown == f"nt-dist: error: {info.value}"  # docs/errors.md shows the real line
     monkeypatch.setenv("LOCAL_RANK", "0")
     engine.check_local_devices("recipe.yaml")  # the first process has its GPU
