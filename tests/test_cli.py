@@ -103,6 +103,10 @@ ERROR_CASES = {
     "a nasty recipe whose adversary was not trained yet": (
         "recipe.yaml", "run: {role: nasty}\nnasty: {adversary_checkpoint: runs/t}\ntracking: {enabled: false}\n", {}),
     "a run name with a control or bidi character": ("r.yaml", 'run: {name: "ab\\ncd"}\n', {}),
+    "an ImageNet `data.root` without `train/`": (
+        "recipe.yaml", "data: {name: imagenet, root: imagenet}\ntracking: {enabled: false}\n", {}),
+    "a missing ImageNet 64x64 batch file": (
+        "recipe.yaml", "data: {name: imagenet64, root: imagenet64}\ntracking: {enabled: false}\n", {}),
 }
 
 

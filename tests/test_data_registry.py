@@ -30,12 +30,20 @@ from nt_dist.data import (
     loaders_with,
     num_classes_of,
 )
-from nt_dist.data.synthetic import random_images, write_cifar10, write_cifar100, write_imagefolder, write_tinyimagenet
+from nt_dist.data.synthetic import (
+    random_images,
+    write_cifar10,
+    write_cifar100,
+    write_imagefolder,
+    write_imagenet,
+    write_imagenet64,
+    write_tinyimagenet,
+)
 from nt_dist.data.transforms import Normalise, normalisation
 from nt_dist.errors import UserError
 
 CPU = torch.device("cpu")
-NAMES = "digits, cifar10, cifar100, tinyimagenet, imagefolder"
+NAMES = "digits, cifar10, cifar100, tinyimagenet, imagefolder, imagenet, imagenet64"
 UNKNOWN = f"data.name: unknown data set 'mnist'; expected one of: {NAMES}"
 TINY_WNIDS = [f"n{i:08d}" for i in range(200)]  # the real archive's class count
 
@@ -52,8 +60,13 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     pixels = random_images(10, 8, seed=2)
     write_imagefolder(base / "folder", {"train": {"ant": pixels[:2], "bee": pixels[2:4], "cow": pixels[4:6]},
                                         "val": {"ant": pixels[6:8], "cow": pixels[8:]}})
+    wnids = ["n02119789", "n01440764", "n04592741", "n01443537"]
+    inet = write_imagenet(base / "inet", {w: pixels[i:i + 2] for i, w in enumerate(wnids)},
+                          [(pixels[8], wnids[0]), (pixels[9], wnids[2]), (pixels[0], wnids[3])], "devkit")
+    big = random_images(12, 64, seed=3)  # one image in each of the 10 training files, 2 validation images
+    write_imagenet64(base / "i64", [(big[i:i + 1], [1 + 111 * i]) for i in range(10)], (big[10:], [7, 1000]))
     return {"digits": "", "cifar10": str(base / "c10"), "cifar100": str(base / "c100"), "tinyimagenet": str(base / "tiny"),
-            "imagefolder": str(base / "folder")}
+            "imagefolder": str(base / "folder"), "imagenet": str(inet.root), "imagenet64": str(base / "i64")}
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -83,7 +96,8 @@ def test_each_spec_matches_what_its_builder_reads(roots: dict[str, str], name: s
     spec = dataset_spec(name)
     train, evaluation = (build_dataset(name, roots[name], split) for split in spec.splits)
     expected = {"digits": (10, 1437, 360), "cifar10": (10, 20, 6), "cifar100": (100, 20, 6),
-                "tinyimagenet": (200, 200, 4), "imagefolder": (3, 6, 4)}[name]
+                "tinyimagenet": (200, 200, 4), "imagefolder": (3, 6, 4), "imagenet": (4, 8, 3),
+                "imagenet64": (1000, 10, 2)}[name]
     assert (num_classes_of(train), len(train), len(evaluation)) == expected
     assert spec.num_classes in (None, num_classes_of(train))
     assert list(evaluation.classes) == list(train.classes)
@@ -99,7 +113,8 @@ def test_each_spec_matches_what_its_builder_reads(roots: dict[str, str], name: s
 @pytest.mark.parametrize("name", list(DATASETS))
 def test_the_audit_counts_classes_from_the_spec_or_the_folder(roots: dict[str, str], name: str):
     recipe = SimpleNamespace(model=SimpleNamespace(num_classes=0), data=SimpleNamespace(name=name, root=roots[name]))
-    assert dataset_classes(recipe) == {"imagefolder": 3, "tinyimagenet": 200, "cifar100": 100}.get(name, 10)
+    assert dataset_classes(recipe) == {"imagefolder": 3, "imagenet": 4, "tinyimagenet": 200, "cifar100": 100,
+                                       "imagenet64": 1000}.get(name, 10)
     recipe.model.num_classes = 7
     assert dataset_classes(recipe) == 7
 
@@ -237,7 +252,7 @@ def test_an_ffcv_source_has_no_batch_indices():
     from nt_dist.data.ffcv_loader import FfcvTrainSource
 
     assert FFCV_AUGMENTS == LOADERS["ffcv"].augments
-    source = FfcvTrainSource([None] * 3, None)  # type: ignore[arg-type]
+    source = FfcvTrainSource([None] * 3, None, None, None)  # type: ignore[arg-type]
     assert source.steps_per_epoch == 3
     with pytest.raises(NotImplementedError, match="cache_logits"):
         source.batch_indices(0)

@@ -49,6 +49,9 @@ class DatasetSpec:
     std: tuple[float, ...]
     needs_root: bool  # read from data.root (digits ships inside scikit-learn)
     builder: Callable[[str, str], Any]  # (root, split) -> map-style dataset of (PIL image, int label)
+    # images of every size, random-resized crops cut from the files (ImageNet): not for the device loader,
+    # which holds each image resized to one square size
+    full_resolution: bool = False
 
     @property
     def splits(self) -> tuple[str, str]:
@@ -86,6 +89,20 @@ def _imagefolder(root: str, split: str) -> Any:
     return ImageFolderDataset(root, split)
 
 
+def _imagenet(root: str, split: str) -> Any:
+    from nt_dist.data.imagenet import ImageNetDataset
+
+    return ImageNetDataset(root, split)
+
+
+def _imagenet64(root: str, split: str) -> Any:
+    from nt_dist.data.imagenet64 import ImageNet64Dataset
+
+    return ImageNet64Dataset(root, split)
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # per channel, on 0..1 pixels
+
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
     DatasetSpec("digits", "train", "test", 10, (0.3054,) * 3, (0.3187,) * 3, needs_root=False, builder=_digits),
     DatasetSpec("cifar10", "train", "test", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
@@ -95,8 +112,14 @@ DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
     DatasetSpec("tinyimagenet", "train", "val", 200, (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821),
                 needs_root=True, builder=_tinyimagenet),
     # ImageNet's statistics: any ImageNet-style folder
-    DatasetSpec("imagefolder", "train", "val", None, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-                needs_root=True, builder=_imagefolder),
+    DatasetSpec("imagefolder", "train", "val", None, IMAGENET_MEAN, IMAGENET_STD, needs_root=True,
+                builder=_imagefolder),
+    # ILSVRC-2012: the class count is that of the class folders of train/ (1000; fewer in a fixture)
+    DatasetSpec("imagenet", "train", "val", None, IMAGENET_MEAN, IMAGENET_STD, needs_root=True, builder=_imagenet,
+                full_resolution=True),
+    # downsampled ImageNet 64x64: labels 1..1000 in the files; ImageNet's statistics (none computed at run time)
+    DatasetSpec("imagenet64", "train", "val", 1000, IMAGENET_MEAN, IMAGENET_STD, needs_root=True,
+                builder=_imagenet64),
 )}
 
 
@@ -106,6 +129,12 @@ def dataset_spec(name: str) -> DatasetSpec:
     if spec is None:
         raise UserError(unknown_dataset(name))
     return spec
+
+
+def full_resolution_problem(name: str, image_size: int) -> str:
+    """Why the device loader does not serve a ``full_resolution`` data set with random-resized crops."""
+    return (f"{name}'s random-resized crops are cut from its full-resolution files, and the device loader "
+            f"holds every image resized to one square size ({image_size} px)")
 
 
 def unknown_dataset(name: str) -> str:
