@@ -173,7 +173,7 @@ def load_frozen_model(
     checkpoint: str,
     num_classes: int,
     key: str,
-    create: Callable[[str, int], torch.nn.Module],
+    create: Callable[..., torch.nn.Module],
     hint: str = "",
 ) -> tuple[torch.nn.Module, dict[str, str]]:
     """Build the frozen adversary/teacher named in a recipe and load its exported weights.
@@ -195,7 +195,8 @@ def load_frozen_model(
         raise UserError(f"{key}: {path}: corrupt metadata: num_classes is {meta['num_classes']!r}, not a count")
     if meta.get("num_classes") and int(meta["num_classes"]) != num_classes:
         raise UserError(f"{key}: {path} has {meta['num_classes']} classes but the data set has {num_classes}")
-    model = create(name, num_classes)
+    options = recorded_options(meta, path, key)  # the network the weights were trained as (model.blurpool, ...)
+    model = create(name, num_classes, **options) if options else create(name, num_classes)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
@@ -204,6 +205,22 @@ def load_frozen_model(
                         f"{first[0].strip()}") from None
     model.eval().requires_grad_(False)
     return model, meta
+
+
+def recorded_options(meta: dict[str, str], path: Path, key: str) -> dict[str, Any]:
+    """The model options an export records (``model_options``: the recipe's ``model.blurpool``
+    and ``model.timm_kwargs`` where they were set), as keyword arguments of
+    :func:`nt_dist.models.build_model`."""
+    text = meta.get("model_options", "")
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except ValueError:
+        options = None
+    if not isinstance(options, dict) or set(options) - {"blurpool", "timm_kwargs"}:
+        raise UserError(f"{key}: {path}: corrupt metadata: model_options is {text!r}")
+    return options
 
 
 # ----------------------------------------------------------------------------- training state

@@ -207,14 +207,37 @@ def main(argv: list[str] | None = None) -> int:
 
 def check(path: str, overrides: list[str]) -> int:
     """The validation ``train`` runs before it reads any data: schema, networks and image size,
-    run folder, tracking store."""
+    run folder, tracking store. A pipeline file: every stage's recipe with the overrides the
+    pipeline gives it (and ``overrides`` after them), as ``nt-dist pipeline`` would run it."""
     from nt_dist.config import load_recipe, recipe_to_dict
     from nt_dist.preflight import validate
+    from nt_dist.yamlio import read_yaml_file
 
+    tree, _ = read_yaml_file(Path(path), "recipe")
+    if isinstance(tree, dict) and "pipeline" in tree:
+        return check_pipeline(path, overrides)
     recipe = load_recipe(path, overrides)
     validate(recipe, path)
     print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
     say(f"# {path}: valid")
+    return 0
+
+
+def check_pipeline(path: str, overrides: list[str]) -> int:
+    """``nt-dist check PIPELINE``: the plan, and every stage validated as ``check`` validates a recipe."""
+    from nt_dist import pipeline
+    from nt_dist.config import load_recipe
+    from nt_dist.preflight import validate
+
+    spec = pipeline.load_pipeline(path)
+    stages = pipeline.expand(spec, extra=overrides)
+    for stage in stages:
+        try:
+            validate(load_recipe(stage.recipe, stage.overrides), str(stage.recipe))
+        except UserError as exc:  # the recipe's line, and which stage of which pipeline gave it
+            raise UserError(f"{path}: stage {stage.name}: {exc}") from None
+    print(pipeline.describe_plan(stages, spec.spec.launcher))
+    say(f"# {path}: valid ({len(stages)} stages)")
     return 0
 
 

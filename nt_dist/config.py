@@ -21,7 +21,7 @@ import yaml
 from pydantic import ConfigDict, Field, field_validator
 from pydantic.dataclasses import dataclass
 
-from nt_dist.data.specs import DATASETS, LOADERS, AugmentMode, LoaderName, loaders_with, unknown_dataset
+from nt_dist.data.specs import DATASETS, AugmentMode, LoaderName
 from nt_dist.errors import UserError
 from nt_dist.yamlio import DuplicateKey, read_yaml_file, safe_load
 
@@ -104,9 +104,18 @@ class DataConfig:
     """Which data set, in its original layout, and how it is fed. The data sets and loaders are
     those of :data:`nt_dist.data.specs.DATASETS` and :data:`~nt_dist.data.specs.LOADERS`."""
 
-    name: str = "digits"  # digits | cifar10 | cifar100 | tinyimagenet | imagefolder (checked in _check)
+    name: str = "digits"  # a data set of nt_dist.data.specs.DATASETS (checked in nt_dist.recipe_rules)
     root: str = ""  # folder holding the data set as distributed (unused for digits)
-    image_size: int = Field(default=16, ge=4, le=4096)
+    image_size: int = Field(default=16, ge=4, le=4096)  # training resolution (with min_res: the final one)
+    # progressive resizing (ffcv-imagenet's resolution section; augment rrc_flip): epochs 0..start_ramp train at
+    # min_res, epochs from end_ramp at image_size, epochs between at the straight line rounded to res_step
+    min_res: int = Field(default=0, ge=0, le=4096)  # 0: every epoch at image_size
+    start_ramp: int = Field(default=0, ge=0, le=100_000)  # epoch (0-based) of the last min_res epoch
+    end_ramp: int = Field(default=0, ge=0, le=100_000)  # epoch (0-based) of the first image_size epoch
+    res_step: int = Field(default=32, ge=1, le=4096)  # interpolated resolutions are multiples of this
+    eval_image_size: int = Field(default=0, ge=0, le=4096)  # evaluation resolution; 0: image_size
+    # rrc_flip evaluation: centre crop of this share of the shorter side, resized to eval_image_size (224/256)
+    eval_crop_ratio: float = Field(default=0.875, gt=0, le=1)
     batch_size: int = Field(default=64, ge=1, le=65536)  # per process
     eval_batch_size: int = Field(default=256, ge=1, le=65536)  # per process
     num_workers: int = Field(default=0, ge=0, le=512)
@@ -134,6 +143,11 @@ class ModelConfig:
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False  # SyncBatchNorm across processes (exact large-batch BN statistics)
+    # timm's anti-aliased downsampling (aa_layer=BlurPool2d, for the timm models that take aa_layer:
+    # the ResNet family); what ffcv-imagenet's use_blurpool asks for, placed where timm places it
+    blurpool: bool = False
+    # keyword arguments for timm.create_model (drop_path_rate, drop_rate, dynamic_img_size, ...)
+    timm_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -145,10 +159,19 @@ class OptimConfig:
     momentum: float = Field(default=0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(default=5e-4, ge=0, le=1)
-    schedule: Literal["constant", "multistep", "cosine"] = "cosine"
+    # after the warm-up, per optimizer step: constant | multistep (x gamma at each milestone) | step (x gamma
+    # every step_epochs) | cosine (to 0 at the last step) | linear (straight to 0 at the last step)
+    schedule: Literal["constant", "multistep", "step", "cosine", "linear"] = "cosine"
     milestones: tuple[int, ...] = ()  # epochs at which multistep multiplies lr by gamma
+    step_epochs: int = Field(default=30, ge=1, le=100_000)  # step: epochs between multiplications by gamma
     gamma: float = Field(default=0.1, gt=0, le=10)
-    warmup_epochs: float = Field(default=0.0, ge=0)
+    warmup_epochs: float = Field(default=0.0, ge=0)  # linear warm-up, per step, from warmup_start_factor x lr
+    warmup_start_factor: float = Field(default=0.01, gt=0, le=1)
+    # no weight decay on normalisation weights and biases (every parameter of one dimension: timm's rule)
+    wd_skip_norm_bias: bool = False
+    # label smoothing of every cross-entropy against the labels y (the CE of a teacher or student trained
+    # alone, the nasty teacher's CE term, a student's (1 - alpha) CE term); never the KL terms
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     grad_clip: float = Field(default=0.0, ge=0)  # max global grad norm; 0: no clipping
 
 
@@ -334,7 +357,9 @@ def recipe_from_dict(tree: dict[str, Any], source: str = "<recipe>") -> Recipe:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         raise UserError(f"{source}: {key}: {_describe(err, key)}") from None
-    _check(recipe, source)
+    from nt_dist.recipe_rules import check_recipe
+
+    check_recipe(recipe, source)  # the rules that span sections
     return recipe
 
 
@@ -407,32 +432,3 @@ def _known_keys(loc: tuple[Any, ...]) -> str:
     if len(loc) == 1:
         return "; expected a section: " + ", ".join(f.name for f in dataclasses.fields(Recipe))
     return ""
-
-
-def _check(recipe: Recipe, source: str) -> None:
-    """Rules that span sections."""
-    from nt_dist.objectives import frozen_roles, objective_for
-
-    objective_for(recipe).check(recipe, source)  # the role's or the attack's own rules
-    if recipe.optim.schedule == "multistep" and not recipe.optim.milestones:
-        raise UserError(f"{source}: optim.milestones: required when optim.schedule is multistep")
-    if any(m <= 0 or m > recipe.run.epochs for m in recipe.optim.milestones):
-        raise UserError(f"{source}: optim.milestones: each must lie in 1..run.epochs ({recipe.run.epochs})")
-    if recipe.optim.warmup_epochs > recipe.run.epochs:
-        raise UserError(f"{source}: optim.warmup_epochs: {recipe.optim.warmup_epochs} exceeds run.epochs "
-                        f"({recipe.run.epochs})")
-    # the data rules: what each data set and loader declares in nt_dist.data.specs
-    if recipe.data.name not in DATASETS:
-        raise UserError(f"{source}: {unknown_dataset(recipe.data.name)}")
-    dataset, loader = DATASETS[recipe.data.name], LOADERS[recipe.data.loader]
-    if recipe.data.augment_views and not loader.augment_views:
-        raise UserError(f"{source}: data.augment_views: needs data.loader: {loaders_with('augment_views')} "
-                        f"({loader.name} draws augmentations from {loader.rng})")
-    for section in (role.section for role in frozen_roles() if role.cache_logits(recipe)):
-        if not loader.logit_cache:
-            raise UserError(f"{source}: {section}.cache_logits: needs data.loader: {loaders_with('logit_cache')}")
-        if not recipe.data.augment_views and recipe.data.augment != "none":
-            raise UserError(f"{source}: {section}.cache_logits: needs data.augment_views > 0 (or "
-                            "data.augment: none); with a fresh augmentation every epoch no image repeats")
-    if dataset.needs_root and loader.reads_root and not recipe.data.root:
-        raise UserError(f"{source}: data.root: required for data set {recipe.data.name!r}")

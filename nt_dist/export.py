@@ -35,6 +35,12 @@ def export_run(run: Run, metrics: dict[str, float]) -> None:
                 "mlflow_experiment": experiment_of(recipe.tracking) if recipe.tracking.enabled else "",
                 "mlflow_experiment_id": run.tracker.experiment_id,
                 "test_top1": f"{metrics.get('test_top1', float('nan')):.4f}"}
+        options = {k: v for k, v in (("blurpool", recipe.model.blurpool), ("timm_kwargs", recipe.model.timm_kwargs)) if v}
+        if options:  # a frozen network built from this file is built as it was trained
+            meta["model_options"] = json.dumps(options, sort_keys=True)
+        if recipe.data.eval_image_size or recipe.data.augment == "rrc_flip":  # how plot-logits evaluates it
+            meta["eval_image_size"] = recipe.data.eval_image_size or recipe.data.image_size
+            meta["eval_crop_ratio"] = f"{recipe.data.eval_crop_ratio:g}"
         if recipe.run.role == "nasty":  # plot-logits shows a nasty teacher at the τ_A it was trained with
             meta["tau_a"] = f"{recipe.nasty.tau:g}"
         summary = {"final": {k: metrics[k] for k in ("test_top1", "test_top5", "test_ce") if k in metrics},

@@ -195,7 +195,8 @@ def load_frozen_network(recipe: Recipe, role: FrozenRole, num_classes: int, acce
     for one; and its lineage tags (``<kind>_checkpoint``, ``<kind>_run_name``, ...)."""
     key, path = role.checkpoint_key, role.checkpoint(recipe)
     network, meta = checkpoint.load_frozen_model(role.architecture(recipe), path, num_classes, key,
-                                                 lambda name, classes: build_model(name, classes, role.architecture_key),
+                                                 lambda name, classes, **options: build_model(name, classes, role.architecture_key,
+                                                                                       **options),
                                                  hint=f"; name it in the recipe ({role.architecture_key})")
     precision = role.precision(recipe)
     network = network.to(device=accelerator.device, dtype=None if precision == "fp32" else dtype)

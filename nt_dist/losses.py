@@ -33,6 +33,7 @@ def kd_loss(
     alpha: float,
     tau: float,
     return_parts: bool = False,
+    label_smoothing: float = 0.0,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """Hinton knowledge distillation (Hinton, Vinyals & Dean, 2015).
 
@@ -41,8 +42,10 @@ def kd_loss(
     ``teacher_logits`` is detached: no gradient ever reaches the teacher. The τ² factor keeps
     the soft-target gradients on the scale of the hard-label ones as τ grows. With
     ``return_parts`` the result is ``(loss, {"ce": ..., "kl": ...})`` (``kl`` without α·τ²).
+    ``label_smoothing`` smooths the labels of the CE term only (the teacher's soft targets are
+    what they are).
     """
-    ce = F.cross_entropy(student_logits.float(), labels)
+    ce = F.cross_entropy(student_logits.float(), labels, label_smoothing=label_smoothing)
     kl = soft_kl(teacher_logits.detach(), student_logits, tau)
     loss = alpha * tau * tau * kl + (1.0 - alpha) * ce
     return (loss, {"ce": ce.detach(), "kl": kl.detach()}) if return_parts else loss
@@ -55,6 +58,7 @@ def nasty_teacher_loss(
     omega: float,
     tau: float,
     return_parts: bool = False,
+    label_smoothing: float = 0.0,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """Self-undermining knowledge distillation (Ma et al., "Undistillable: Making a Nasty
     Teacher that Cannot Teach Students", ICLR 2021, Eq. 2).
@@ -66,8 +70,10 @@ def nasty_teacher_loss(
     makes its dark knowledge misleading to any student. ``adversary_logits`` is detached: only
     the teacher's weights move. The authors' code (``train_nasty.py``) computes the same
     direction: ``KLDivLoss(batchmean)(log σ(f_A/T), σ(f_T/T))``. Parts: ``ce``, ``kl``.
+    ``label_smoothing`` smooths the labels of the CE term only; the KL against the adversary is
+    unchanged.
     """
-    ce = F.cross_entropy(teacher_logits.float(), labels)
+    ce = F.cross_entropy(teacher_logits.float(), labels, label_smoothing=label_smoothing)
     kl = soft_kl(teacher_logits, adversary_logits.detach(), tau)
     loss = ce - omega * tau * tau * kl
     return (loss, {"ce": ce.detach(), "kl": kl.detach()}) if return_parts else loss

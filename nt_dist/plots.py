@@ -28,10 +28,10 @@ from torch import Tensor
 
 from nt_dist.checkpoint import load_frozen_model, read_model_metadata, resolve_model_file
 from nt_dist.data import DATASETS, build_dataset, num_classes_of
-from nt_dist.data.transforms import Normalise, build_transform
+from nt_dist.data.transforms import EVAL_CROP_RATIO, Normalise, build_transform
 from nt_dist.errors import UserError
 from nt_dist.frozen_network import frozen_logits
-from nt_dist.models import create_model
+from nt_dist.models import build_model
 from nt_dist.rundir import RECIPE_FILE
 from nt_dist.yamlio import read_yaml_file
 
@@ -133,9 +133,12 @@ def _describe_model(model_file: Path, key: str) -> dict[str, Any]:
     described: dict[str, Any] = {
         "dataset": meta.get("dataset") or recipe.get("name"),
         "num_classes": meta.get("num_classes"),
-        "image_size": meta.get("image_size") or recipe.get("image_size"),
-        # evaluation resizes, except after rrc_flip training (resize to size/0.875, centre crop)
+        # the evaluation resolution (data.eval_image_size, else data.image_size)
+        "image_size": (meta.get("eval_image_size") or recipe.get("eval_image_size") or meta.get("image_size")
+                       or recipe.get("image_size")),
+        # evaluation resizes, except after rrc_flip training (centre crop of crop_ratio of the shorter side)
         "augment": recipe.get("augment"),
+        "crop_ratio": float(meta.get("eval_crop_ratio") or recipe.get("eval_crop_ratio") or EVAL_CROP_RATIO),
         "root": recipe.get("root") or "",
     }
     for field in ("num_classes", "image_size"):
@@ -160,6 +163,7 @@ def _agree(normal: Path, nasty: Path, a: dict[str, Any], b: dict[str, Any]) -> d
                         f"{a['augment']!r} vs {b['augment']!r})")
     common["augment"] = "rrc_flip" if protocols == {"rrc"} else "none"
     common["root"] = a["root"] or b["root"]
+    common["crop_ratio"] = a["crop_ratio"]
     for field, what in (("dataset", "data set"), ("image_size", "image size")):
         if common[field] is None:
             raise UserError(f"{normal} and {nasty} record no {what} (metadata {field!r}, no {RECIPE_FILE} "
@@ -204,7 +208,8 @@ def responses(normal: Path, nasty: Path, *, tau: float | None = None, count: int
     dataset = build_dataset(name, root, split)
     classes = num_classes_of(dataset)
     indices = pick_indices(dataset.targets, count, seed)
-    transform = build_transform(name, common["augment"], common["image_size"], train=False)
+    transform = build_transform(name, common["augment"], common["image_size"], train=False,
+                                crop_ratio=common.get("crop_ratio", EVAL_CROP_RATIO))
     samples = [dataset[i] for i in indices]
     pixels = torch.stack([transform(image) for image, _ in samples])  # uint8 [N, 3, H, W]
     images = Normalise(name, torch.device("cpu"))(pixels)
@@ -213,7 +218,7 @@ def responses(normal: Path, nasty: Path, *, tau: float | None = None, count: int
                               "pixels": pixels.permute(0, 2, 3, 1).contiguous(), "class_names": list(dataset.classes),
                               "tau": tau, "tau_source": tau_source, "dataset": name, "split": split}
     for role, file in zip(ROLES, files, strict=True):
-        network, _ = load_frozen_model("", str(file), classes, role, create_model)
+        network, _ = load_frozen_model("", str(file), classes, role, build_model)
         logits = frozen_logits(network.cpu().float(), images, "fp32")
         result[f"{role}_logits"] = logits
         result[f"{role}_probs"] = softmax_responses(logits, tau)

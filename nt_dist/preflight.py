@@ -30,30 +30,40 @@ def validate(recipe: Recipe, source: str, *, frozen_files: bool = False) -> None
 
 
 def check_networks(recipe: Recipe, source: str) -> None:
-    from nt_dist.models import UnknownModelError, create_model
+    from nt_dist.models import UnknownModelError, create_model, model_options, refused_options
     from nt_dist.objectives import objective_for
 
     named = [("model.name", recipe.model.name)]
     frozen = objective_for(recipe).frozen
     if frozen is not None and frozen.architecture(recipe):
         named.append((frozen.architecture_key, frozen.architecture(recipe)))
-    size = recipe.data.image_size
+    data = recipe.data
+    # every resolution the network will see: the training one, the ramp's first (data.min_res), evaluation's
+    sizes = sorted({data.image_size, data.min_res or data.image_size, data.eval_image_size or data.image_size})
     for key, name in named:
+        options = model_options(recipe.model.blurpool, recipe.model.timm_kwargs) if key == "model.name" else {}
         try:
             with torch.device("meta"):
-                model = create_model(name, num_classes=recipe.model.num_classes or 10)
+                model = create_model(name, num_classes=recipe.model.num_classes or 10, **options)
         except UnknownModelError as exc:
             raise UserError(f"{source}: {key}: {exc}") from None
+        except TypeError as exc:  # an option the model does not take
+            if not options:
+                raise
+            raise UserError(f"{source}: {refused_options(name, recipe.model.blurpool, recipe.model.timm_kwargs, exc)}"
+                            ) from None
         except NotImplementedError:  # a model that cannot be built on the meta device: checked at run time
             continue
-        try:
-            with torch.no_grad():
-                model.eval()(torch.empty(2, 3, size, size, device="meta"))
-        except NotImplementedError:
-            continue
-        except (RuntimeError, ValueError) as exc:
-            raise UserError(f"{source}: data.image_size: {size} px does not fit {key} {name!r} "
-                            f"({str(exc).splitlines()[0]})") from None
+        for size in sizes:
+            try:
+                with torch.no_grad():
+                    model.eval()(torch.empty(2, 3, size, size, device="meta"))
+            except NotImplementedError:
+                break
+            except (RuntimeError, ValueError) as exc:
+                which = {data.image_size: "data.image_size", data.min_res: "data.min_res"}.get(size, "data.eval_image_size")
+                raise UserError(f"{source}: {which}: {size} px does not fit {key} {name!r} "
+                                f"({str(exc).splitlines()[0]})") from None
 
 
 def check_frozen_file(recipe: Recipe, source: str) -> None:

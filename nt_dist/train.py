@@ -27,12 +27,13 @@ from nt_dist import checkpoint, console, engine, preflight, rundir
 from nt_dist.checkpoint import EpochTally, TrainState
 from nt_dist.config import Recipe
 from nt_dist.data import DataBundle, build_data, data_inputs
+from nt_dist.data.resolution import ResolutionSchedule
 from nt_dist.errors import Preempted, RunError, UserError
 from nt_dist.evaluation import evaluate
 from nt_dist.export import export_run
 from nt_dist.frozen_network import FrozenNetwork, cache_key, load_frozen_network, restore_cache
 from nt_dist.lineage import run_params, run_tags
-from nt_dist.models import build_model
+from nt_dist.models import build_recipe_model
 from nt_dist.objectives import Objective, StepFn, objective_for
 from nt_dist.optim import build_optimizer, build_scheduler
 from nt_dist.ranks import Preemption, agree, check_finite, claim_folder, launched, on_every_rank
@@ -95,8 +96,7 @@ def _build(accelerator: Any, recipe: Recipe, source: str, lock: rundir.RunLock |
     if num_classes != data.num_classes:
         raise UserError(f"{source}: model.num_classes: {num_classes} but {recipe.data.name} has "
                         f"{data.num_classes} classes")
-    model = objective.wrap_model(build_model(recipe.model.name, num_classes, f"{source}: model.name"),
-                                 recipe, num_classes, source)
+    model = objective.wrap_model(build_recipe_model(recipe.model, num_classes, source), recipe, num_classes, source)
     model = engine.place_model(model, recipe, accelerator)
     dtype = engine.input_dtype(accelerator)
     frozen, lineage, source_split = None, objective.tags(recipe), None
@@ -209,8 +209,9 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
         bar.close()
     elapsed = time.perf_counter() - started
     means = tally.means(acc, state)  # the whole epoch's, a resume included; throughput below is this call's
-    means["images_per_s"] = seen * acc.num_processes / max(elapsed, 1e-9)
-    means["epoch_time_s"] = elapsed
+    means.update(images_per_s=seen * acc.num_processes / max(elapsed, 1e-9), epoch_time_s=elapsed)
+    if recipe.data.min_res:  # progressive resizing: the side of this epoch's training images
+        means["resolution"] = ResolutionSchedule.of(recipe.data).at(epoch)
     if caching:
         counts = torch.tensor([frozen.hits - lookups[0], frozen.misses - lookups[1]], device=acc.device)
         hits, misses = acc.reduce(counts, reduction="sum").tolist()

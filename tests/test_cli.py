@@ -92,6 +92,11 @@ ERROR_CASES = {
     "an FSDP launcher config": ("recipe.yaml", "tracking: {enabled: false}\n", {"ACCELERATE_USE_FSDP": "true"}),
     "a value out of range or not finite": ("recipe.yaml", "optim: {lr: .inf}\n", {}),
     "an image size the network cannot take": ("recipe.yaml", "data: {image_size: 4}\n", {}),
+    "progressive resizing without random-resized crops": ("recipe.yaml", "data: {image_size: 32, min_res: 16}\n", {}),
+    "a model option the network does not take": ("recipe.yaml", "model: {blurpool: true}\ntracking: {enabled: false}\n",
+                                                 {}),
+    "ImageNet's random-resized crops on the device loader": (
+        "recipe.yaml", "data: {name: imagenet, root: x, loader: device, augment: rrc_flip}\n", {}),
     "recipe not UTF-8": ("recipe.yaml", "run:\n  name: caf\xe9\n".encode("latin-1"), {}),
     "recipe not a mapping": ("recipe.yaml", "- run\n- data\n", {}),
     "`run.output_dir` is a file": ("recipe.yaml", "run: {output_dir: taken}\n", {}),

@@ -60,9 +60,10 @@ def uniforms(seed: int, epoch: int, index: Tensor, count: int) -> Tensor:
     return (words >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
-def augment(images: Tensor, mode: str, seed: int, epoch: int, index: Tensor) -> Tensor:
+def augment(images: Tensor, mode: str, seed: int, epoch: int, index: Tensor, size: int | None = None) -> Tensor:
     """``images`` (uint8 [B, C, H, W]) augmented as ``mode``; uint8 for ``none``/``shift``/
-    ``pad_crop_flip``, float32 (0..255) for ``rotate_flip``/``rrc_flip``."""
+    ``pad_crop_flip``, float32 (0..255) for ``rotate_flip``/``rrc_flip``. ``rrc_flip`` resizes its
+    crops to ``size`` pixels (progressive resizing; ``None``: the input's size); the other modes keep it."""
     if mode == "none":
         return images
     if mode in ("shift", "pad_crop_flip"):
@@ -77,7 +78,7 @@ def augment(images: Tensor, mode: str, seed: int, epoch: int, index: Tensor) -> 
     if mode == "rrc_flip":
         u = uniforms(seed, epoch, index, 4 * RRC_TRIES + 1)
         box = rrc_boxes(u[:, :-1], images.shape[-2], images.shape[-1])
-        return crop_resize(images, box, u[:, -1] < 0.5)
+        return crop_resize(images, box, u[:, -1] < 0.5, size)
     raise ValueError(f"unknown augment mode {mode!r}; expected one of {', '.join(MODES)}")
 
 
@@ -129,10 +130,10 @@ def rrc_boxes(u: Tensor, h: int, w: int) -> Tensor:
     return torch.where((first < 0)[:, None], whole, box)
 
 
-def crop_resize(images: Tensor, box: Tensor, flip: Tensor) -> Tensor:
-    """Each sample's box (top, left, height, width) resized (bilinear) to the input size, mirrored
-    where ``flip``."""
-    _, _, h, w = images.shape
+def crop_resize(images: Tensor, box: Tensor, flip: Tensor, size: int | None = None) -> Tensor:
+    """Each sample's box (top, left, height, width) resized (bilinear) to ``size`` x ``size``
+    (``None``: the input size), mirrored where ``flip``."""
+    b, c, h, w = images.shape
     top, left, ch, cw = box.unbind(1)
     mirror = 1.0 - 2.0 * flip.float()
     zero = torch.zeros_like(top)
@@ -141,10 +142,11 @@ def crop_resize(images: Tensor, box: Tensor, flip: Tensor) -> Tensor:
     cy = (top + ch / 2) / h * 2 - 1
     theta = torch.stack([torch.stack([cw / w * mirror, zero, cx], 1),
                          torch.stack([zero, ch / h, cy], 1)], 1)
-    return _warp(images, theta, "bilinear", "border")  # a crop never reaches past the image: no fill
+    out = [b, c, h, w] if size is None else [b, c, size, size]
+    return _warp(images, theta, "bilinear", "border", out)  # a crop never reaches past the image: no fill
 
 
-def _warp(images: Tensor, theta: Tensor, mode: str, padding: str = "zeros") -> Tensor:
+def _warp(images: Tensor, theta: Tensor, mode: str, padding: str = "zeros", out: list[int] | None = None) -> Tensor:
     source = images.float()
-    grid = F.affine_grid(theta.to(source.dtype), list(source.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(source.dtype), out or list(source.shape), align_corners=False)
     return F.grid_sample(source, grid, mode=mode, padding_mode=padding, align_corners=False)

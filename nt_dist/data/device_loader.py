@@ -27,8 +27,10 @@ from torch import Tensor
 
 from nt_dist.data import DataBundle, array_cache, build_splits, check_batch, dataset_spec, num_classes_of
 from nt_dist.data.device_aug import augment
+from nt_dist.data.resolution import ResolutionSchedule, eval_size
+from nt_dist.data.specs import full_resolution_problem
 from nt_dist.data.torch_loader import RankSource, build_torch_data, epoch_permutation, eval_shard, rank_batch
-from nt_dist.data.transforms import build_transform
+from nt_dist.data.transforms import EVAL_CROP_RATIO, build_transform
 from nt_dist.errors import UserError, say
 
 if TYPE_CHECKING:
@@ -48,6 +50,7 @@ class DeviceTrainSource(RankSource):
     augment: str
     seed: int
     views: int
+    schedule: ResolutionSchedule  # the side of each epoch's crops (rrc_flip; else the cached size)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -64,9 +67,10 @@ class DeviceTrainSource(RankSource):
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         order = self._order(epoch).to(self.device)
         view = epoch % self.views if self.views else epoch
+        size = self.schedule.at(epoch)
         for step in range(start_step, self.steps_per_epoch):
             index = rank_batch(order, step, self.batch_size, self.rank, self.world)
-            images = augment(_gather(self.images, index), self.augment, self.seed, view, index)
+            images = augment(_gather(self.images, index), self.augment, self.seed, view, index, size)
             yield self.normalise(images), self.labels[index]
 
 
@@ -101,8 +105,14 @@ def build_device_data(cfg: DataConfig, seed: int, rank: int, world: int, device:
     """``data.loader: device``, or ``auto``: the device path where the decoded splits fit
     (:data:`AUTO_SHARE` of the free memory), else the torch path. Sizes are checked first: the
     cache keys digest every source file, work wasted on splits that do not fit."""
+    if dataset_spec(cfg.name).full_resolution and cfg.augment == "rrc_flip":  # loader: auto (device: refused in the recipe)
+        if rank == 0:
+            say(f"nt-dist: note: data.loader: auto: {full_resolution_problem(cfg.name, cfg.image_size)}; "
+                "using the torch loader")
+        return build_torch_data(cfg, seed, rank, world, device)
     train_base, eval_base = build_splits(cfg)
-    need = array_cache.array_bytes(len(train_base) + len(eval_base), cfg.image_size)
+    need = array_cache.array_bytes(len(train_base), cfg.image_size) + array_cache.array_bytes(len(eval_base),
+                                                                                             eval_size(cfg))
     free = free_bytes(device)
     share = AUTO_SHARE if cfg.loader == "auto" else DEVICE_SHARE
     if need > share * free:
@@ -115,6 +125,10 @@ def build_device_data(cfg: DataConfig, seed: int, rank: int, world: int, device:
         if rank == 0:
             say(f"nt-dist: note: data.loader: auto: {problem}; using the torch loader")
         return build_torch_data(cfg, seed, rank, world, device, (train_base, eval_base))
+    if rank == 0 and cfg.loader == "auto":  # what the fit rule picked, as it says when it picks torch
+        say(f"nt-dist: note: data.loader: auto: {cfg.name} decoded at {cfg.image_size} px takes "
+            f"{need / 2**30:.2f} GiB, {need / max(free, 1):.0%} of the {free / 2**30:.2f} GiB free on {device} "
+            f"(at most {share:.0%}); using the device loader")
     train_size = min(cfg.train_subset, len(train_base)) if cfg.train_subset else len(train_base)
     check_batch(cfg, train_size, world)
     train, evaluation = _device_sources(cfg, seed, rank, world, device, train_base, eval_base)
@@ -131,10 +145,12 @@ def train_transform(image_size: int) -> T.Compose:
 def entries(cfg: DataConfig, train_base: Any, eval_base: Any) -> tuple[array_cache.Entry, array_cache.Entry]:
     """The cache entries of both splits (not yet written)."""
     train_split, eval_split = dataset_spec(cfg.name).splits
-    eval_protocol = "eval-rrc" if cfg.augment == "rrc_flip" else "eval-resize"
+    eval_protocol = "eval-resize"
+    if cfg.augment == "rrc_flip":  # the default ratio keeps the name the cache had before the ratio was a key
+        eval_protocol = "eval-rrc" if cfg.eval_crop_ratio == EVAL_CROP_RATIO else f"eval-rrc-{cfg.eval_crop_ratio!r}"
     return (array_cache.entry_for(train_base, cfg.name, cfg.root, train_split, cfg.image_size, "train-resize",
                                   cfg.cache_dir),
-            array_cache.entry_for(eval_base, cfg.name, cfg.root, eval_split, cfg.image_size, eval_protocol,
+            array_cache.entry_for(eval_base, cfg.name, cfg.root, eval_split, eval_size(cfg), eval_protocol,
                                   cfg.cache_dir))
 
 
@@ -158,13 +174,14 @@ def _device_sources(cfg: DataConfig, seed: int, rank: int, world: int, device: t
     train_entry, eval_entry = entries(cfg, train_base, eval_base)
     array_cache.ensure(train_entry, train_base, train_transform(cfg.image_size), cfg.num_workers,
                        f"{cfg.name} training split")
-    array_cache.ensure(eval_entry, eval_base, build_transform(cfg.name, cfg.augment, cfg.image_size, train=False),
+    array_cache.ensure(eval_entry, eval_base, build_transform(cfg.name, cfg.augment, eval_size(cfg), train=False,
+                                                              crop_ratio=cfg.eval_crop_ratio),
                        cfg.num_workers, f"{cfg.name} evaluation split")
     train_images, train_labels = array_cache.load(train_entry, device)
     if cfg.train_subset:
         train_images, train_labels = train_images[:cfg.train_subset], train_labels[:cfg.train_subset]
     eval_images, eval_labels = array_cache.load(eval_entry, device)
     train = DeviceTrainSource(cfg.name, cfg.batch_size, rank, world, device, train_images, train_labels, cfg.augment,
-                              seed, cfg.augment_views)
+                              seed, cfg.augment_views, ResolutionSchedule.of(cfg))
     evaluation = DeviceEvalSource(cfg.name, cfg.eval_batch_size, rank, world, device, eval_images, eval_labels)
     return train, evaluation

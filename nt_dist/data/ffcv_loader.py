@@ -45,6 +45,8 @@ from ffcv.transforms import (
 
 from nt_dist.data import LOADERS, DataBundle, check_batch, dataset_spec
 from nt_dist.data.ffcv_io import COMMAND, IMAGE, LABEL, SUMMARY, check_beton
+from nt_dist.data.resolution import ResolutionSchedule
+from nt_dist.data.resolution import eval_size as eval_size_of
 from nt_dist.data.transforms import normalisation
 from nt_dist.errors import UserError
 
@@ -54,7 +56,6 @@ if TYPE_CHECKING:
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 AUGMENTS = LOADERS["ffcv"].augments  # those with an ffcv pipeline below
-EVAL_CROP = 0.875  # rrc_flip evaluation: centre crop of 87.5 % of the shorter side (224 of 256)
 PADDING = {"shift": 2, "pad_crop_flip": 4}  # pixels of zero-filled translation
 
 
@@ -78,26 +79,37 @@ def build_ffcv_data(cfg: DataConfig, seed: int, rank: int, world: int, device: t
     check_batch(cfg, train_size, world)
     finish = _Finish(cfg.name, device)
     threads = cfg.num_workers or -1  # ffcv decodes in threads; -1: one per core
+    schedule = ResolutionSchedule.of(cfg)
+    train_pipelines = _pipelines(cfg, device, train=True, size_px=schedule.at(0))
+    decoder = train_pipelines[IMAGE][0]  # before the Loader takes the pipelines (it takes the decoder out)
     train = Loader(str(train_path), batch_size=cfg.batch_size, num_workers=threads,
                    order=OrderOption.RANDOM, seed=seed, distributed=world > 1, drop_last=True,
                    indices=np.arange(train_size) if cfg.train_subset else None,
-                   pipelines=_pipelines(cfg, device, train=True))
+                   pipelines=train_pipelines)
     evaluation = Loader(str(eval_path), batch_size=cfg.eval_batch_size, num_workers=threads,
                         order=OrderOption.SEQUENTIAL, drop_last=False, indices=np.arange(rank, eval_size, world),
-                        pipelines=_pipelines(cfg, device, train=False))
-    return DataBundle(train=FfcvTrainSource(train, finish), eval=FfcvEvalSource(evaluation, eval_size, finish),
+                        pipelines=_pipelines(cfg, device, train=False, size_px=eval_size_of(cfg)))
+    return DataBundle(train=FfcvTrainSource(train, finish, decoder, schedule),
+                      eval=FfcvEvalSource(evaluation, eval_size, finish),
                       num_classes=int(summary["num_classes"]), train_size=train_size,
                       sources=(train_path, eval_path), eval_size=eval_size)
 
 
 class FfcvTrainSource:
-    """``TrainSource`` over an ffcv Loader (RANDOM order, drop_last)."""
+    """``TrainSource`` over an ffcv Loader (RANDOM order, drop_last). With progressive resizing
+    the image decoder's output size is set to the epoch's resolution before the epoch, and the
+    pipeline compiled again when it changed (as ffcv-imagenet sets ``decoder.output_size``; ffcv
+    sizes its buffers and code from the decoder when it generates the code)."""
 
-    def __init__(self, loader: Loader, finish: _Finish) -> None:
-        self.loader, self.finish = loader, finish
+    def __init__(self, loader: Loader, finish: _Finish, decoder: Any, schedule: ResolutionSchedule) -> None:
+        self.loader, self.finish, self.decoder, self.schedule = loader, finish, decoder, schedule
         self.steps_per_epoch: int = len(loader)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        size = (self.schedule.at(epoch),) * 2
+        if tuple(self.decoder.output_size) != size:
+            self.decoder.output_size = size
+            self.loader.generate_code()
         yield from _iterate(self.loader, epoch, start_step, self.finish)
 
     def batch_indices(self, epoch: int, start_step: int = 0) -> list[list[int]]:
@@ -147,12 +159,13 @@ def _iterate(loader: Loader, epoch: int, start_step: int, finish: _Finish) -> It
         batches.close()
 
 
-def _pipelines(cfg: DataConfig, device: torch.device, train: bool) -> dict[str, list[Any]]:
-    size = (cfg.image_size, cfg.image_size)
+def _pipelines(cfg: DataConfig, device: torch.device, train: bool, size_px: int) -> dict[str, list[Any]]:
+    """The image and label pipelines; the image decoder is always the first operation."""
+    size = (size_px, size_px)
     image: list[Any]
     if cfg.augment == "rrc_flip":
         image = ([RandomResizedCropRGBImageDecoder(size), RandomHorizontalFlip()] if train
-                 else [CenterCropRGBImageDecoder(size, ratio=EVAL_CROP)])
+                 else [CenterCropRGBImageDecoder(size, ratio=cfg.eval_crop_ratio)])
     else:
         # The whole (square) image resized to image_size: a plain copy at its stored size.
         image = [CenterCropRGBImageDecoder(size, ratio=1.0)]

@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from nt_dist.data import DataBundle, build_splits, check_batch, num_classes_of, usable_workers
-from nt_dist.data.transforms import Normalise, build_transform, sample_seed
+from nt_dist.data.resolution import ResolutionSchedule, eval_size
+from nt_dist.data.transforms import Normalise, TrainTransform, build_transform, sample_seed
 
 if TYPE_CHECKING:
     from nt_dist.config import DataConfig
@@ -30,14 +31,20 @@ class SeededTransformDataset:
     draws from its own RNG seeded by (seed, epoch, index), or by (seed, epoch mod views, index)
     when ``views`` > 0 (each sample cycles through ``views`` fixed augmented views)."""
 
-    def __init__(self, base: Any, transform: Callable[[Any], torch.Tensor], seed: int, views: int = 0) -> None:
+    def __init__(self, base: Any, transform: Callable[[Any], torch.Tensor] | TrainTransform, seed: int,
+                 views: int = 0) -> None:
         self.base, self.transform, self.seed, self.views = base, transform, seed, views
 
     def __len__(self) -> int:
         return len(self.base)
 
+    def transform_at(self, epoch: int) -> Callable[[Any], torch.Tensor]:
+        """The transform of ``epoch``: a :class:`TrainTransform` follows the resolution schedule."""
+        return self.transform.at(epoch) if isinstance(self.transform, TrainTransform) else self.transform
+
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         epoch, index = key
+        transform = self.transform_at(epoch)  # the resolution follows the epoch, not the view
         if self.views:
             epoch %= self.views
         image, label = self.base[index]
@@ -46,7 +53,7 @@ class SeededTransformDataset:
             # driver call per sample, and the training process's CUDA RNG clobbered when
             # num_workers is 0); transforms draw from the CPU generator
             torch.random.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-            return self.transform(image), int(label)
+            return transform(image), int(label)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -162,9 +169,10 @@ def build_torch_data(cfg: DataConfig, seed: int, rank: int, world: int, device: 
     if cfg.train_subset:
         train_base = _Subset(train_base, cfg.train_subset)
     train = SeededTransformDataset(
-        train_base, build_transform(cfg.name, cfg.augment, cfg.image_size, train=True), seed, cfg.augment_views)
+        train_base, TrainTransform(cfg.name, cfg.augment, ResolutionSchedule.of(cfg)), seed, cfg.augment_views)
     evaluation = SeededTransformDataset(
-        eval_base, build_transform(cfg.name, cfg.augment, cfg.image_size, train=False), seed)
+        eval_base, build_transform(cfg.name, cfg.augment, eval_size(cfg), train=False, crop_ratio=cfg.eval_crop_ratio),
+        seed)
     check_batch(cfg, len(train), world)
     return DataBundle(
         train=TorchTrainSource(cfg.name, cfg.batch_size, rank, world, device, train, seed, cfg.num_workers),

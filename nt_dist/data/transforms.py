@@ -7,13 +7,18 @@ processes, or whether the run was resumed half-way through an epoch.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torchvision.transforms.v2 as T
 
+from nt_dist.data.resolution import ResolutionSchedule
 from nt_dist.data.specs import dataset_spec
+
+EVAL_CROP_RATIO = 0.875  # the default data.eval_crop_ratio: 224 of 256
 
 
 def normalisation(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -23,20 +28,23 @@ def normalisation(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return spec.mean, spec.std
 
 
-def build_transform(dataset: str, augment: str, image_size: int, train: bool) -> Callable[[Any], torch.Tensor]:
+def build_transform(dataset: str, augment: str, image_size: int, train: bool,
+                    crop_ratio: float = EVAL_CROP_RATIO) -> Callable[[Any], torch.Tensor]:
     """PIL/uint8 image -> uint8 CHW tensor of ``image_size`` pixels (see :class:`Normalise`).
 
     ``augment`` (training only): ``none``; ``shift`` (±2 px translation, zero fill: digits);
     ``pad_crop_flip`` (4 px zero pad, random crop, horizontal flip: CIFAR); ``rotate_flip``
     (±20° rotation, flip: the authors' Tiny-ImageNet pipeline); ``rrc_flip``
-    (random-resized-crop, flip: ImageNet). Evaluation resizes (``rrc_flip`` data sets: resize
-    to size/0.875 then centre-crop, the usual ImageNet protocol).
+    (random-resized-crop, flip: ImageNet). Evaluation resizes; with ``rrc_flip``, the centre
+    square of ``crop_ratio`` of the shorter side resized to ``image_size`` (resize to
+    size/ratio, then centre-crop: the crop ffcv's ``CenterCropRGBImageDecoder(size, ratio)`` cuts;
+    0.875 = 224/256, the usual ImageNet protocol).
     """
     steps: list[Any] = [T.ToImage()]
     if train and augment == "rrc_flip":
         steps += [T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip()]
     elif augment == "rrc_flip":
-        steps += [T.Resize(round(image_size / 0.875), antialias=True), T.CenterCrop(image_size)]
+        steps += [T.Resize(round(image_size / crop_ratio), antialias=True), T.CenterCrop(image_size)]
     else:
         steps.append(T.Resize((image_size, image_size), antialias=True))
         if train and augment == "shift":
@@ -46,6 +54,25 @@ def build_transform(dataset: str, augment: str, image_size: int, train: bool) ->
         elif train and augment == "rotate_flip":
             steps += [T.RandomRotation(20), T.RandomHorizontalFlip()]
     return T.Compose(steps)
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """The training transform of each epoch: :func:`build_transform` at the epoch's resolution
+    (:class:`~nt_dist.data.resolution.ResolutionSchedule`), one per resolution, made on first use
+    (in each DataLoader worker: the object is pickled there)."""
+
+    dataset: str
+    augment: str
+    schedule: ResolutionSchedule
+
+    def at(self, epoch: int) -> Callable[[Any], torch.Tensor]:
+        return _train_transform(self.dataset, self.augment, self.schedule.at(epoch))
+
+
+@functools.lru_cache(maxsize=16)
+def _train_transform(dataset: str, augment: str, size: int) -> Callable[[Any], torch.Tensor]:
+    return build_transform(dataset, augment, size, train=True)
 
 
 class Normalise:

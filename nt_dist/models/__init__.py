@@ -12,13 +12,16 @@ neither raises :class:`UnknownModelError` with a one-line message listing close 
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import timm
 from torch import nn
 
 from nt_dist.errors import UserError
 from nt_dist.models.cifar import ENTRYPOINTS
+
+if TYPE_CHECKING:
+    from nt_dist.config import ModelConfig
 
 __all__ = ["UnknownModelError", "build_model", "create_model", "list_models"]
 
@@ -61,9 +64,42 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
 
 
-def build_model(name: str, num_classes: int, key: str = "model.name") -> nn.Module:
-    """:func:`create_model`, its unknown-name error prefixed with the recipe ``key`` that named it."""
+def build_recipe_model(cfg: ModelConfig, num_classes: int, source: str) -> nn.Module:
+    """The network a recipe's ``model`` section names, with its options; errors name ``source``."""
+    return build_model(cfg.name, num_classes, f"{source}: model.name", blurpool=cfg.blurpool,
+                       timm_kwargs=cfg.timm_kwargs)
+
+
+def model_options(blurpool: bool = False, timm_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The keyword arguments ``model.blurpool`` and ``model.timm_kwargs`` give
+    :func:`create_model`: ``blurpool`` is timm's ``aa_layer=BlurPool2d`` (anti-aliased strided
+    blocks where timm's model puts them; ffcv-imagenet's ``use_blurpool`` wraps every strided conv
+    of 16+ input channels instead), ``timm_kwargs`` go as they are."""
+    options = dict(timm_kwargs or {})
+    if blurpool:
+        from timm.layers import BlurPool2d
+
+        options["aa_layer"] = BlurPool2d
+    return options
+
+
+def build_model(name: str, num_classes: int, key: str = "model.name", *, blurpool: bool = False,
+                timm_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """:func:`create_model` with :func:`model_options`, its unknown-name error prefixed with the
+    recipe ``key`` that named it; a model that refuses an option is one line naming the option."""
+    options = model_options(blurpool, timm_kwargs)
     try:
-        return create_model(name, num_classes=num_classes)
+        return create_model(name, num_classes=num_classes, **options)
     except UnknownModelError as exc:
         raise UserError(f"{key}: {exc}") from None
+    except TypeError as exc:
+        if not options:
+            raise
+        where = key.removesuffix("model.name") if key.endswith("model.name") else f"{key}: "  # the recipe file
+        raise UserError(f"{where}{refused_options(name, blurpool, timm_kwargs, exc)}") from None
+
+
+def refused_options(name: str, blurpool: bool, timm_kwargs: dict[str, Any] | None, exc: Exception) -> str:
+    """The keys and options model ``name`` refused (``exc``: its TypeError), as an error names them."""
+    keys = " / ".join(k for k, on in (("model.blurpool", blurpool), ("model.timm_kwargs", bool(timm_kwargs))) if on)
+    return f"{keys}: {name!r} does not take {', '.join(sorted(model_options(blurpool, timm_kwargs)))} ({exc})"

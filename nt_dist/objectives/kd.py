@@ -26,9 +26,10 @@ from nt_dist.objectives.registry import TEACHER, Objective, StepFn, register
 
 
 def student_step(model: nn.Module, images: Tensor, labels: Tensor, index: Tensor | None = None, epoch: int = 0, *,
-                 teacher: Any, tau: float, alpha: float) -> dict[str, Tensor]:
+                 teacher: Any, tau: float, alpha: float, label_smoothing: float = 0.0) -> dict[str, Tensor]:
     """Hinton KD from the frozen teacher (Hinton et al., 2015)."""
-    return step_against(model, images, labels, index, epoch, frozen=teacher, loss=kd_loss, alpha=alpha, tau=tau)
+    return step_against(model, images, labels, index, epoch, frozen=teacher, loss=kd_loss, alpha=alpha, tau=tau,
+                        label_smoothing=label_smoothing)
 
 
 class Attack(Objective):
@@ -48,7 +49,8 @@ class Attack(Objective):
 
     def step(self, recipe: Any, frozen: Any, source: Any = None) -> StepFn:
         """Hinton KD; attacks that differ only in their data or their network keep it."""
-        return partial(student_step, teacher=frozen, tau=recipe.distill.tau, alpha=recipe.distill.alpha)
+        return partial(student_step, teacher=frozen, tau=recipe.distill.tau, alpha=recipe.distill.alpha,
+                       label_smoothing=recipe.optim.label_smoothing)
 
     def audit_columns(self, plan: Any) -> dict[str, dict[str, Any]]:
         return {self.audit_label or type(self).__name__: {"distill.method": self.name}}

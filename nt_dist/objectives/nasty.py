@@ -20,10 +20,10 @@ from nt_dist.objectives.registry import ADVERSARY, Objective, StepFn, register
 
 
 def nasty_step(model: nn.Module, images: Tensor, labels: Tensor, index: Tensor | None = None, epoch: int = 0, *,
-               adversary: Any, tau: float, omega: float) -> dict[str, Tensor]:
+               adversary: Any, tau: float, omega: float, label_smoothing: float = 0.0) -> dict[str, Tensor]:
     """Self-undermining KD against the frozen adversary (Ma et al., 2021)."""
     return step_against(model, images, labels, index, epoch, frozen=adversary, loss=nasty_teacher_loss,
-                        omega=omega, tau=tau)
+                        omega=omega, tau=tau, label_smoothing=label_smoothing)
 
 
 @register
@@ -34,4 +34,5 @@ class Nasty(Objective):
     frozen = ADVERSARY
 
     def step(self, recipe: Any, frozen: Any, source: Any = None) -> StepFn:
-        return partial(nasty_step, adversary=frozen, tau=recipe.nasty.tau, omega=recipe.nasty.omega)
+        return partial(nasty_step, adversary=frozen, tau=recipe.nasty.tau, omega=recipe.nasty.omega,
+                       label_smoothing=recipe.optim.label_smoothing)

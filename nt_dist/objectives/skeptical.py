@@ -71,18 +71,20 @@ BACKBONE_PREFIX = "backbone."
 
 
 def skeptical_loss(outputs: list[Tensor], teacher_logits: Tensor, labels: Tensor, *, loc: int, alpha: float,
-                   tau: float, self_weight: float, distilling: bool,
-                   return_parts: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+                   tau: float, self_weight: float, distilling: bool, return_parts: bool = False,
+                   label_smoothing: float = 0.0) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """The authors' ``loss_fn_kd`` (module docstring) on ``outputs = [final, deepest head, ...]``;
     ``distilling`` is their ``epoch > kd_delay``. Parts (each without its weight): ``ce`` (final
     head), ``kl`` and ``aux_ce`` (teacher -> head ``loc``), ``self_kl`` and ``self_ce`` (final
-    head -> deepest head); computed in every epoch, summed into the loss only while distilling."""
+    head -> deepest head); computed in every epoch, summed into the loss only while distilling.
+    ``label_smoothing`` (``optim.label_smoothing``; not in the authors' code) smooths the labels of
+    the three CE terms."""
     final, deepest, kd_head = outputs[0], outputs[1], outputs[loc]
-    ce = F.cross_entropy(final.float(), labels)
+    ce = F.cross_entropy(final.float(), labels, label_smoothing=label_smoothing)
     kl = soft_kl(teacher_logits.detach(), kd_head, tau)
-    aux_ce = F.cross_entropy(kd_head.float(), labels)
+    aux_ce = F.cross_entropy(kd_head.float(), labels, label_smoothing=label_smoothing)
     self_kl = soft_kl(final, deepest, tau)
-    self_ce = F.cross_entropy(deepest.float(), labels)
+    self_ce = F.cross_entropy(deepest.float(), labels, label_smoothing=label_smoothing)
     distilled = alpha * tau * tau * kl + (1.0 - alpha) * aux_ce + self_weight * self_kl + (1.0 - self_weight) * self_ce
     # before kd_delay the heads still join the graph with weight 0: DDP expects every parameter to get a gradient
     loss = ce + distilled if distilling else ce + 0.0 * distilled
@@ -223,13 +225,14 @@ def plain_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def skeptical_step(model: nn.Module, images: Tensor, labels: Tensor, index: Tensor | None = None, epoch: int = 0,
                    *, teacher: Any, tau: float, alpha: float, self_weight: float, loc: int,
-                   kd_delay: int) -> dict[str, Tensor]:
+                   kd_delay: int, label_smoothing: float = 0.0) -> dict[str, Tensor]:
     """The skeptical student's step (``epoch`` 0-based: KD from epoch ``kd_delay`` on)."""
     teacher_logits = as_frozen_network(teacher)(images, index, epoch)
     outputs = model(images)
     loc = min(loc, len(outputs) - 1)
     loss, parts = skeptical_loss(outputs, teacher_logits, labels, loc=loc, alpha=alpha, tau=tau,
-                                 self_weight=self_weight, distilling=epoch >= kd_delay, return_parts=True)
+                                 self_weight=self_weight, distilling=epoch >= kd_delay, return_parts=True,
+                                 label_smoothing=label_smoothing)
     return {"loss": loss, "logits": outputs[0], **parts}
 
 
@@ -242,14 +245,14 @@ class Skeptical(Attack):
     def step(self, recipe: Any, frozen: Any, source: Any = None) -> StepFn:
         d = recipe.distill
         return partial(skeptical_step, teacher=frozen, tau=d.tau, alpha=d.alpha, self_weight=d.self_weight,
-                       loc=d.kd_head, kd_delay=d.kd_delay)
+                       loc=d.kd_head, kd_delay=d.kd_delay, label_smoothing=recipe.optim.label_smoothing)
 
     def check(self, recipe: Any, source: str) -> None:
         """The student must have the stages the heads sit on (built once on the CPU, no data read)."""
         super().check(recipe, source)
-        from nt_dist.models import build_model
+        from nt_dist.models import build_recipe_model
 
-        student = build_model(recipe.model.name, recipe.model.num_classes or 10, f"{source}: model.name")
+        student = build_recipe_model(recipe.model, recipe.model.num_classes or 10, source)
         self.wrap_model(student, recipe, recipe.model.num_classes or 10, source)
 
     def wrap_model(self, model: nn.Module, recipe: Any, num_classes: int, source: str) -> nn.Module:

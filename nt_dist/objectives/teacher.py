@@ -13,10 +13,11 @@ from nt_dist.objectives.registry import Objective, StepFn, register
 
 
 def ce_step(model: nn.Module, images: Tensor, labels: Tensor, index: Tensor | None = None,
-            epoch: int = 0) -> dict[str, Tensor]:
-    """Normal training (teacher, baseline student): ``CE(f(x), y)``."""
+            epoch: int = 0, *, label_smoothing: float = 0.0) -> dict[str, Tensor]:
+    """Normal training (teacher, baseline student): ``CE(f(x), y)``, labels smoothed by
+    ``label_smoothing`` (``optim.label_smoothing``)."""
     logits = model(images)
-    ce = F.cross_entropy(logits.float(), labels)
+    ce = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     return {"loss": ce, "logits": logits, "ce": ce.detach()}
 
 
@@ -26,7 +27,7 @@ class Teacher(Objective):
     summary = "a normal teacher: CE(f(x), y)"
 
     def step(self, recipe: Any, frozen: Any, source: Any = None) -> StepFn:
-        return partial(ce_step)
+        return partial(ce_step, label_smoothing=recipe.optim.label_smoothing)
 
 
 @register

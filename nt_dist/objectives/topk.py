@@ -41,21 +41,22 @@ def topk_soft_targets(teacher_logits: Tensor, k: int, tau: float) -> Tensor:
 
 
 def topk_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha: float, tau: float,
-                 k: int, return_parts: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+                 k: int, return_parts: bool = False,
+                 label_smoothing: float = 0.0) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """``α·τ²·KL(p^k ‖ σ_τ(f_S)) + (1 − α)·CE(f_S, y)``, batch mean; parts ``ce``, ``kl`` (without α·τ²)."""
     targets = topk_soft_targets(teacher_logits, k, tau)
     log_q = F.log_softmax(student_logits.float() / tau, dim=-1)
     kl = (torch.xlogy(targets, targets) - targets * log_q).sum(dim=-1).mean()
-    ce = F.cross_entropy(student_logits.float(), labels)
+    ce = F.cross_entropy(student_logits.float(), labels, label_smoothing=label_smoothing)
     loss = alpha * tau * tau * kl + (1.0 - alpha) * ce
     return (loss, {"ce": ce.detach(), "kl": kl.detach()}) if return_parts else loss
 
 
 def topk_step(model: nn.Module, images: Tensor, labels: Tensor, index: Tensor | None = None, epoch: int = 0, *,
-              teacher: Any, tau: float, alpha: float, k: int) -> dict[str, Tensor]:
+              teacher: Any, tau: float, alpha: float, k: int, label_smoothing: float = 0.0) -> dict[str, Tensor]:
     """KD on the teacher's top-k softened classes."""
     return step_against(model, images, labels, index, epoch, frozen=teacher, loss=topk_kd_loss, alpha=alpha,
-                        tau=tau, k=k)
+                        tau=tau, k=k, label_smoothing=label_smoothing)
 
 
 @register
@@ -65,7 +66,8 @@ class TopK(Attack):
 
     def step(self, recipe: Any, frozen: Any, source: Any = None) -> StepFn:
         d = recipe.distill
-        return partial(topk_step, teacher=frozen, tau=d.tau, alpha=d.alpha, k=d.top_k)
+        return partial(topk_step, teacher=frozen, tau=d.tau, alpha=d.alpha, k=d.top_k,
+                       label_smoothing=recipe.optim.label_smoothing)
 
     def audit_columns(self, plan: Any) -> dict[str, dict[str, Any]]:
         return {f"top-{plan.top_k} KD": {"distill.method": "topk", "distill.top_k": plan.top_k}}
