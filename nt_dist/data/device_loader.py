@@ -125,10 +125,10 @@ def build_device_data(cfg: DataConfig, seed: int, rank: int, world: int, device:
         if rank == 0:
             say(f"nt-dist: note: data.loader: auto: {problem}; using the torch loader")
         return build_torch_data(cfg, seed, rank, world, device, (train_base, eval_base))
-    if rank == 0 and cfg.loader == "auto":  # what the fit rule picked, as it says when it picks torch
-        say(f"nt-dist: note: data.loader: auto: {cfg.name} decoded at {cfg.image_size} px takes "
-            f"{need / 2**30:.2f} GiB, {need / max(free, 1):.0%} of the {free / 2**30:.2f} GiB free on {device} "
-            f"(at most {share:.0%}); using the device loader")
+    if rank == 0 and cfg.loader == "auto":  # what the fit rule picked: on stdout, with the run's progress
+        print(f"data.loader: auto: {cfg.name} decoded at {cfg.image_size} px takes "
+              f"{need / 2**30:.2f} GiB, {need / max(free, 1):.0%} of the {free / 2**30:.2f} GiB free on {device} "
+              f"(at most {share:.0%}); using the device loader", flush=True)
     train_size = min(cfg.train_subset, len(train_base)) if cfg.train_subset else len(train_base)
     check_batch(cfg, train_size, world)
     train, evaluation = _device_sources(cfg, seed, rank, world, device, train_base, eval_base)
