@@ -39,6 +39,13 @@ def test_accelerate_configs_are_complete(path: Path):
             # one bucket holds every gradient of the flagship's ResNet-18 (11.2M < reduce_bucket_size):
             # nothing to overlap, and overlap_comm would add a device synchronize and a second bucket per step
             assert ds["zero_optimization"]["overlap_comm"] is False
+    if config["num_machines"] > 1:
+        # what cluster/slurm/train.sbatch launches (it passes these on the command line), and
+        # 8 GPUs a node; DeepSpeed through torchrun on each node (srun started it), not pdsh
+        assert (config["rdzv_backend"], config["same_network"]) == ("c10d", False)
+        assert config["num_processes"] == 8 * config["num_machines"]
+        if config["distributed_type"] == "DEEPSPEED":
+            assert config["deepspeed_config"]["deepspeed_multinode_launcher"] == "standard"
 
 
 def launch_deepspeed(stage: int, recipe: str, overrides: list[str]) -> None:
@@ -111,12 +118,38 @@ def test_every_zero_stage_runs_the_flagship_recipe_channels_last(tmp_path: Path,
     assert "train_kl" in events[-1] and events[-1]["train_kl"] > 0
 
 
-def fake_slurm(bin_dir: Path, log: Path) -> None:
-    """srun runs its command here (dropping its options); scontrol records requeues."""
+FAKE_SRUN = """#!/bin/bash
+# srun here: one task per node of the job, all on this machine, each with its SLURM_NODEID
+# (0 .. SLURM_NNODES-1); options dropped. As --kill-on-bad-exit, a task that fails stops the others.
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((node = 0; node < SLURM_NNODES; node++)); do
+    SLURM_NODEID=$node SLURM_PROCID=$node SLURM_LOCALID=0 "$@" &
+    pids+=($!)
+done
+status=0
+for ((left = ${#pids[@]}; left > 0; left--)); do
+    wait -n; rc=$?
+    if (( rc != 0 && status == 0 )); then status=$rc; kill "${pids[@]}" 2>/dev/null; fi
+done
+exit "$status"
+"""
+
+
+# what the job scripts read besides SLURM_*: a test's job starts without the caller's
+JOB_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NT_ACCELERATE_CONFIG", "NT_GPUS_PER_NODE", "NT_RDZV_BACKEND",
+                 "NT_TRAIN_SBATCH", "NT_PYTHON", "PET_RDZV_ID", "SRUN_CPUS_PER_TASK", "OMP_NUM_THREADS")
+
+
+def fake_slurm(bin_dir: Path, log: Path, hosts: tuple[str, ...] = ("localhost",)) -> None:
+    """`srun` starts one task per node here (:data:`FAKE_SRUN`); `scontrol show hostnames LIST`
+    prints ``hosts``, one a line, as scontrol expands a node list; other scontrol calls
+    (requeue) are recorded in ``log``."""
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "srun").write_text(FAKE_SRUN)
     (bin_dir / "scontrol").write_text(
-        f'#!/bin/bash\nif [ "$1" = show ]; then echo localhost; else echo "$@" >> {log}; fi\n')
+        f'#!/bin/bash\nif [ "$1 $2" = "show hostnames" ]; then printf "%s\\n" {" ".join(hosts)}; '
+        f'else echo "$@" >> {log}; fi\n')
     for name in ("srun", "scontrol"):
         (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IXUSR)
 
@@ -181,3 +214,39 @@ def test_slurm_script_checkpoints_requeues_and_resumes_on_usr1(tmp_path: Path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"step_{stopped_at:09d}" in second.stdout and "resumed from" in second.stdout
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 40 * (256 // 64)
+
+
+@pytest.mark.parametrize("config, precision", [("multi_node.yaml", "no"), ("deepspeed_zero2_multi_node.yaml", "bf16")],
+                         ids=["ddp", "zero2"])
+def test_the_2x8_template_trains_as_two_nodes_of_one_world(tmp_path: Path, config: str, precision: str):
+    """cluster/slurm/multinode_2x8.sbatch run the way SLURM runs it (a copy in a spool folder,
+    from the repository root) on 2 "nodes" of this machine, one CPU process each: the two
+    launchers meet at the first host `scontrol show hostnames` prints (c10d, node 0 hosting the
+    store) and train one run of world size 2 (~10 s for DDP; ZeRO-2 ~15 s, plus ~40 s the first
+    time DeepSpeed builds its CPU comm op)."""
+    fake_slurm(tmp_path / "bin", tmp_path / "scontrol.log", hosts=("127.0.0.1", "localhost"))
+    spool = tmp_path / "spool" / "slurm_script"
+    spool.parent.mkdir()
+    spool.write_text((CLUSTER / "slurm" / "multinode_2x8.sbatch").read_text())
+    out, port = tmp_path / "run", free_port()
+    overrides = tiny_overrides(out, "teacher", **{"tracking.enabled": "false", "run.precision": precision,
+                                                  **({"run.epochs": "1"} if precision == "bf16" else {})})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in JOB_VARIABLES}
+    env.update({"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "NT_PYTHON": sys.executable,
+                "SLURM_NNODES": "2", "SLURM_JOB_ID": str(3_000_000 + os.getpid()), "SLURM_JOB_NODELIST": "node[1-2]",
+                "SLURM_SUBMIT_DIR": str(REPO), "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                **({"NT_ACCELERATE_CONFIG": f"cluster/{config}"} if config != "multi_node.yaml" else {}),
+                **processes_env(2)})
+    proc = subprocess.run(["bash", str(spool), "recipes/digits_teacher.yaml", *args(overrides)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    starts = sorted(line for line in proc.stderr.splitlines() if line.startswith("nt-dist: node "))
+    assert [line.split(" (")[0] for line in starts] == ["nt-dist: node 0 of 2", "nt-dist: node 1 of 2"]
+    for line in starts:  # the default config unless NT_ACCELERATE_CONFIG names one; the first host only
+        assert line.endswith(f"starts 1 of 2 processes (world size), c10d rendezvous at 127.0.0.1:{port}, "
+                             f"config cluster/{config}"), line
+    # one run of 2 processes: half the steps of one process, one final line (from rank 0)
+    epochs = 1 if precision == "bf16" else 2
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == epochs * 256 // (32 * 2)
+    assert proc.stdout.count("[test_teacher] done: ") == 1 and (out / "model.safetensors").is_file()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) >= epochs

@@ -226,6 +226,7 @@ def test_launcher_layouts(tmp_path: Path):
     assert launcher_layout(REPO / "cluster/single_gpu.yaml") == (1, 1, 1)
     assert launcher_layout(REPO / "cluster/multi_node.yaml") == (2, 8, 8)
     assert launcher_layout(REPO / "cluster/deepspeed_zero2.yaml") == (1, 8, 8)
+    assert launcher_layout(REPO / "cluster/deepspeed_zero2_multi_node.yaml") == (2, 8, 8)
     config = tmp_path / "cpu.yaml"
     config.write_text("distributed_type: MULTI_CPU\nnum_processes: 4\n")
     assert launcher_layout(config) == (1, 4, 0)
@@ -277,3 +278,185 @@ def test_usr1_reaches_this_jobs_workers_only(tmp_path: Path):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
+
+
+# ----------------------------------------------------------------------------- 2 nodes x 8 GPUs
+
+SLURM_DIR = REPO / "cluster" / "slurm"
+TEMPLATE = SLURM_DIR / "multinode_2x8.sbatch"
+PREEMPTION = ("signal", "requeue", "open-mode", "output")  # train.sbatch's directives for the requeue chain
+NCCL = ("NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "NCCL_IB_DISABLE", "NCCL_NET_GDR_LEVEL", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+
+
+def directives(path: Path, prefix: str = "#SBATCH") -> dict[str, str | None]:
+    """The ``prefix --key[=value]`` lines of a job script before its first command (sbatch
+    stops reading directives there), as key -> value (None for a flag); a directive after it fails."""
+    found: dict[str, str | None] = {}
+    body = False
+    for line in path.read_text().splitlines()[1:]:
+        if line.strip() and not line.startswith("#"):
+            body = True
+        elif line.startswith(prefix + " "):
+            assert not body, f"{path.name}: {line!r} comes after the first command: sbatch ignores it"
+            option = line.removeprefix(prefix + " ").strip()
+            assert option.startswith("--") and option not in found, line
+            key, _, value = option[2:].partition("=")
+            found[key] = value or None
+    return found
+
+
+def exports(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """``export NAME=VALUE`` lines of a script: (those it runs, those left commented out)."""
+    active, commented = {}, {}
+    for line in path.read_text().splitlines():
+        text = line.strip()
+        target = commented if text.startswith("#") else active
+        text = text.lstrip("#").strip()
+        if text.startswith("export ") and "=" in text:
+            name, value = text.removeprefix("export ").split("=", 1)
+            target.setdefault(name, value.split()[0])
+    return active, commented
+
+
+@pytest.mark.parametrize("script", ["train.sbatch", "multinode_2x8.sbatch"])
+def test_the_job_scripts_are_valid_bash(script: str):
+    proc = subprocess.run(["bash", "-n", str(SLURM_DIR / script)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_the_2x8_template_asks_for_two_whole_nodes_of_8_gpus():
+    assert directives(TEMPLATE) == {
+        "job-name": "nt-dist-2x8", "nodes": "2", "ntasks-per-node": "1", "gpus-per-node": "8",
+        "cpus-per-task": "64", "mem": "0", "exclusive": None, "time": "24:00:00",
+        "signal": "B:USR1@300", "requeue": None, "open-mode": "append", "output": "nt-dist-%x-%j.out"}
+    # sbatch reads the submitted file's directives only: train.sbatch's preemption chain needs its own here
+    train = directives(SLURM_DIR / "train.sbatch")
+    assert {k: train[k] for k in PREEMPTION} == {k: directives(TEMPLATE)[k] for k in PREEMPTION}
+    # the cluster's own, for the user to fill in (## is not a directive)
+    assert directives(TEMPLATE, "##SBATCH") == {"partition": "PARTITION", "account": "ACCOUNT"}
+    # 8 CPUs per GPU, what `nt-dist pipeline --submit slurm` asks for
+    from nt_dist.pipeline.slurm import CPUS_PER_GPU
+
+    assert int(directives(TEMPLATE)["cpus-per-task"]) == CPUS_PER_GPU * int(directives(TEMPLATE)["gpus-per-node"])
+
+
+def test_the_2x8_template_leaves_nccl_to_the_cluster_but_its_log_level():
+    active, commented = exports(TEMPLATE)
+    assert active == {"NCCL_DEBUG": "${NCCL_DEBUG:-WARN}"}
+    assert set(NCCL) <= set(commented)
+    # each, once uncommented, still gives way to what the user's shell or the cluster set
+    assert all(value.startswith(f"${{{name}:-") for name, value in commented.items()), commented
+    assert commented["NCCL_IB_DISABLE"] == "${NCCL_IB_DISABLE:-1}"
+    # the launch line lives in train.sbatch alone: the template runs it
+    text = TEMPLATE.read_text()
+    assert "accelerate.commands.launch" not in text and text.rstrip().endswith('exec bash "$train" "$@"')
+
+
+FAKE_PYTHON = """#!/bin/bash
+# $NT_PYTHON here. `-c CODE JOB USR1` (the preemption hand-off, once per node) leaves a mark; the
+# launch line records its node's arguments and environment, waits for the mark as a training
+# process waits for USR1, and exits 75 as a checkpointed one does.
+dir={records}
+if [ "$1" = -c ]; then touch "$dir/preempted"; exit 0; fi
+env -0 > "$dir/node$SLURM_NODEID.env"
+printf '%s\\0' "$@" > "$dir/tmp$SLURM_NODEID" && mv "$dir/tmp$SLURM_NODEID" "$dir/node$SLURM_NODEID.argv"
+for ((i = 0; i < 600; i++)); do [ -e "$dir/preempted" ] && exit 75; sleep 0.1; done
+exit 1
+"""
+
+
+def run_job(tmp_path: Path, script: Path, nodes: int, **env: str) -> tuple[str, list[dict], list[dict]]:
+    """``script RECIPE --set run.epochs=3`` as SLURM runs it on ``nodes`` nodes of 8 GPUs and 64
+    CPUs (stand-in srun, scontrol and interpreter), sent USR1 once every node has launched:
+    its stderr, and per node the launcher's options and environment. The job must requeue itself."""
+    from test_cluster import JOB_VARIABLES, fake_slurm
+
+    records = tmp_path / "records"
+    records.mkdir()
+    fake_slurm(tmp_path / "bin", tmp_path / "scontrol.log", hosts=("gpu017", "gpu018"))
+    executable(tmp_path / "bin" / "python", FAKE_PYTHON.format(records=records))
+    job_id = str(6_000_000 + os.getpid())
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NCCL_")) and k not in JOB_VARIABLES}
+    base.pop("TORCH_NCCL_ASYNC_ERROR_HANDLING", None)
+    base.update({"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "NT_PYTHON": str(tmp_path / "bin" / "python"),
+                 "SLURM_NNODES": str(nodes), "SLURM_JOB_ID": job_id, "SLURM_JOB_NODELIST": "gpu[017-018]",
+                 "SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "64", **env})
+    job = subprocess.Popen(["bash", str(script), "recipes/digits_teacher.yaml", "--set", "run.epochs=3"], cwd=REPO,
+                           env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while len(list(records.glob("node*.argv"))) < nodes:
+            if job.poll() is not None or time.time() > deadline:
+                job.kill()
+                pytest.fail(f"not every node launched:\n{job.communicate()[1]}")
+            time.sleep(0.05)
+        job.send_signal(signal.SIGUSR1)  # `#SBATCH --signal=B:USR1@300`: to the batch script's process
+        _, stderr = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert job.returncode == 0, stderr
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", job_id]
+    launches, environments = [], []
+    for node in range(nodes):
+        argv = (records / f"node{node}.argv").read_text().split("\0")[:-1]
+        assert argv[:2] == ["-m", "accelerate.commands.launch"], argv
+        end = argv.index("-m", 2)
+        assert argv[end:] == ["-m", "nt_dist.train", "recipes/digits_teacher.yaml", "--set", "run.epochs=3"], argv
+        options = argv[2:end]
+        names = options[::2]
+        assert all(o.startswith("--") for o in names) and len(set(names)) == len(names), options
+        launches.append(dict(zip(names, options[1::2], strict=True)))
+        pairs = (records / f"node{node}.env").read_text().split("\0")[:-1]
+        environments.append(dict(pair.split("=", 1) for pair in pairs))
+    return stderr, launches, environments
+
+
+def test_the_2x8_template_launches_each_node_s_share_around_the_first_host(tmp_path: Path):
+    stderr, launches, environments = run_job(tmp_path, TEMPLATE, nodes=2)
+    for node, launch in enumerate(launches):
+        assert launch == {
+            "--config_file": "cluster/multi_node.yaml", "--num_machines": "2", "--machine_rank": str(node),
+            "--num_processes": "16", "--main_process_ip": "gpu017", "--main_process_port": "29500",
+            "--rdzv_backend": "c10d", "--rdzv_conf": f"is_host={int(node == 0)}"}
+        assert f"nt-dist: node {node} of 2 (" in stderr
+    assert stderr.count("starts 8 of 16 processes (world size), c10d rendezvous at gpu017:29500, "
+                        "config cluster/multi_node.yaml") == 2
+    for env in environments:
+        assert env["NCCL_DEBUG"] == "WARN" and not set(NCCL) & set(env)  # the cluster's NCCL defaults
+        assert (env["SRUN_CPUS_PER_TASK"], env["OMP_NUM_THREADS"], env["NT_GPUS_PER_NODE"]) == ("64", "8", "8")
+        assert env["PET_RDZV_ID"] == f"nt-dist-{env['SLURM_JOB_ID']}"  # this job's rendezvous, no other's
+    assert "preemption warning: asking the training processes to checkpoint" in stderr
+
+
+def test_the_2x8_template_keeps_what_the_user_sets(tmp_path: Path):
+    """The port, the accelerate config and NCCL's variables from the submitting shell (sbatch
+    exports it) win over the template's defaults."""
+    _, launches, environments = run_job(
+        tmp_path, TEMPLATE, nodes=2, MASTER_PORT="29612", NCCL_DEBUG="INFO", NCCL_SOCKET_IFNAME="ib0",
+        NCCL_IB_HCA="mlx5", NT_ACCELERATE_CONFIG="cluster/deepspeed_zero2_multi_node.yaml")
+    assert [launch["--main_process_port"] for launch in launches] == ["29612", "29612"]
+    assert {launch["--config_file"] for launch in launches} == {"cluster/deepspeed_zero2_multi_node.yaml"}
+    for env in environments:
+        assert (env["NCCL_DEBUG"], env["NCCL_SOCKET_IFNAME"], env["NCCL_IB_HCA"]) == ("INFO", "ib0", "mlx5")
+
+
+def test_one_node_takes_the_static_rendezvous_on_its_port(tmp_path: Path):
+    """`nt-dist pipeline --submit slurm`'s 1-node jobs: accelerate gives torchrun no endpoint
+    on one machine, so c10d would listen on torch's default 29400 for every job of the node."""
+    _, (launch,), _ = run_job(tmp_path, SLURM_DIR / "train.sbatch", nodes=1, MASTER_PORT="29613")
+    assert (launch["--num_machines"], launch["--machine_rank"], launch["--num_processes"]) == ("1", "0", "8")
+    assert (launch["--rdzv_backend"], launch["--main_process_port"]) == ("static", "29613")
+
+
+def test_a_spool_copy_of_the_template_finds_train_sbatch_from_the_submit_dir(tmp_path: Path):
+    spool = tmp_path / "slurm_script"
+    spool.write_text(TEMPLATE.read_text())
+    env = {**os.environ, "SLURM_SUBMIT_DIR": str(tmp_path)}
+    env.pop("NT_TRAIN_SBATCH", None)
+    proc = subprocess.run(["bash", str(spool), "RECIPE"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"nt-dist: error: cluster/slurm/train.sbatch not found from {tmp_path}: run sbatch "
+                                   "from the repository root, or set NT_TRAIN_SBATCH=/path/to/train.sbatch")
