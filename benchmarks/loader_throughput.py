@@ -11,8 +11,14 @@ before). The timed rounds run ``--repeat`` times (default 3); every figure is th
 those runs, with its range. Prints a markdown table, logs to MLflow (experiment ``benchmarks``),
 and ends with ``speedup device/torch: X.Xx (median of N runs, lo-hi)``.
 
+``--dataset imagenet64`` writes the same pixels (64 px) as ImageNet 64x64's files instead
+(``train_data_batch_1..10`` + ``val_data`` pickles, ``data.name: imagenet64``; default 20,000
+training images) and also prints each loader's seconds per epoch, and what a whole ImageNet
+64x64 epoch (1,281,167 images) takes at that rate (computed, not measured).
+
     python benchmarks/loader_throughput.py --quick                        # rrc_flip, < 5 min on 2 cores
     python benchmarks/loader_throughput.py --quick --augment rotate_flip  # the Tiny-ImageNet pipeline
+    python benchmarks/loader_throughput.py --dataset imagenet64 --augment rotate_flip --batch 128  # its recipes
 """
 
 from __future__ import annotations
@@ -40,31 +46,38 @@ from stats import median_range, summary  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where training would run
 EPOCHS_PER_ROUND = {"torch": 1, "ffcv": 3, "device": 3}  # the fast loaders' epochs are several times shorter
+DATASETS = {"tinyimagenet": "Tiny-ImageNet layout", "imagenet64": "ImageNet 64x64 pickles"}  # --dataset: layout
+IMAGENET64_TRAIN = 1_281_167  # training images of the real ImageNet 64x64
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer images and epochs (< 5 min on 2 cores)")
+    parser.add_argument("--dataset", choices=list(DATASETS), default="tinyimagenet",
+                        help="data.name, written in its distribution layout (imagenet64: 64 px only)")
     parser.add_argument("--size", type=int, default=64, help="stored and trained resolution, px")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader processes / ffcv threads")
     parser.add_argument("--batch", type=int, default=256, help="batch size")
-    parser.add_argument("--images", type=int, default=0, help="training images (default 16384; --quick 4096)")
+    parser.add_argument("--images", type=int, default=0,
+                        help="training images (default 16384, imagenet64 20000; --quick 4096)")
     parser.add_argument("--augment", default="rrc_flip", help="data.augment mode (ffcv: not rotate_flip)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs; figures are their median, with the range")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     args = parser.parse_args(argv)
+    if args.dataset == "imagenet64" and args.size != 64:
+        parser.error("--size: ImageNet 64x64 is stored at 64 px")
     loaders = ["device", "torch"] + (["ffcv"] if _ffcv_usable(args.augment) else [])
-    n_images = args.images or (4096 if args.quick else 16384)
+    n_images = args.images or (4096 if args.quick else 20000 if args.dataset == "imagenet64" else 16384)
     rounds = 2 if args.quick else 3
 
     with tempfile.TemporaryDirectory(prefix="loader_throughput_") as tmp:
-        root, ffcv_dir = Path(tmp) / "tiny-imagenet-200", Path(tmp) / "ffcv"
+        root, ffcv_dir = Path(tmp) / args.dataset, Path(tmp) / "ffcv"
         started = time.perf_counter()
-        _write_layout(root, n_images, args.size)
+        (_write_imagenet64 if args.dataset == "imagenet64" else _write_layout)(root, n_images, args.size)
         if "ffcv" in loaders:
             from nt_dist.data.ffcv_io import write_ffcv
 
-            write_ffcv("tinyimagenet", str(root), str(ffcv_dir), jpeg_quality=90, workers=args.workers)
+            write_ffcv(args.dataset, str(root), str(ffcv_dir), jpeg_quality=90, workers=args.workers)
         os.environ.setdefault("NT_DIST_CACHE", str(Path(tmp) / "cache"))
         prepare_s = time.perf_counter() - started
         load_before = os.getloadavg()[0]
@@ -80,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     speedups = {name: median_range(values)[0] for name, values in ratios.items()}
     params = {"size": args.size, "workers": args.workers, "batch": args.batch, "images": n_images,
               "quick": args.quick, "augment": args.augment, "beton": "jpg q90" if "ffcv" in rows else "-",
-              "source": "digits upsampled, JPEG q95, Tiny-ImageNet layout",
+              "source": _source(args), "dataset": args.dataset,
               "cpus": os.cpu_count(), "cpu": _cpu_name(), "device": _device_name(DEVICE), "repeat": len(runs), "load_average": f"{load_before:.1f}->{load_after:.1f}",
               "torch": torch.__version__, "ffcv": version("ffcv") if "ffcv" in rows else "-"}
     if not args.no_mlflow:
         _log_mlflow(params, rows, speedups)
-    print(f"\n{n_images} images, {args.size} px JPEG, {args.augment}, batch {args.batch}, "
+    print(f"\n{n_images} images, {args.size} px {_stored(args)}, {args.augment}, batch {args.batch}, "
           f"{args.workers} workers, {os.cpu_count()} CPUs, batches on {_device_name(DEVICE)}, "
           f"load average {load_before:.1f} -> {load_after:.1f} (prepare: {prepare_s:.0f} s); "
           f"median of {len(runs)} runs\n")
@@ -95,6 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         low, high = min(row["per_run"]), max(row["per_run"])
         print(f"| {name} | {row['epochs']} | {row['images']} | {row['seconds']:.2f} | {row['images_per_s']:,.0f} | "
               f"{low:,.0f}-{high:,.0f} |")
+    epoch_images = {name: row["images"] // row["epochs"] for name, row in rows.items()}  # full batches only
+    epoch_s = {name: [epoch_images[name] / rate for rate in row["per_run"]] for name, row in rows.items()}
+    print(f"seconds per epoch ({', '.join(f'{name} {count}' for name, count in epoch_images.items())} images, "
+          f"the incomplete batch dropped): "
+          + "; ".join(f"{name} {summary(values, '{:.2f}', ' s')}" for name, values in epoch_s.items()))
+    if args.dataset == "imagenet64":
+        print(f"a whole ImageNet 64x64 epoch ({IMAGENET64_TRAIN:,} images) at these rates (computed, not measured: "
+              f"{IMAGENET64_TRAIN:,} / images/s of each run): "
+              + "; ".join(f"{name} {summary([IMAGENET64_TRAIN / rate / 60 for rate in row['per_run']], '{:.1f}', ' min')}"
+                          for name, row in rows.items()))
     if "ffcv" in ratios:
         print(f"speedup ffcv/torch: {summary(ratios['ffcv'], '{:.1f}', 'x')}")
     print(f"speedup device/torch: {summary(ratios['device'], '{:.1f}', 'x')}")
@@ -121,6 +144,26 @@ def _write_layout(root: Path, n_images: int, size: int) -> None:
     write_tinyimagenet(root, wnids, train, val)
 
 
+def _write_imagenet64(root: Path, n_images: int, size: int) -> None:
+    """ImageNet 64x64's ten ``train_data_batch_*`` files (``n_images`` in all) and ``val_data``
+    (``n_images // 10``): the digits at 64 px, cycled, labelled 1..10 (the files' labels are 1-based)."""
+    from nt_dist.data.synthetic import write_imagenet64
+
+    images, labels = digit_images(size)
+    order = np.arange(n_images) % len(images)
+    batches = [(images[part], labels[part] + 1) for part in np.array_split(order, 10)]
+    val = np.arange(max(1, n_images // 10)) % len(images)
+    write_imagenet64(root, batches, (images[val], labels[val] + 1))
+
+
+def _stored(args: argparse.Namespace) -> str:
+    return "pickled pixels" if args.dataset == "imagenet64" else "JPEG"
+
+
+def _source(args: argparse.Namespace) -> str:
+    return f"digits upsampled, {'uint8 pickles' if args.dataset == 'imagenet64' else 'JPEG q95'}, {DATASETS[args.dataset]}"
+
+
 def _measure(root: Path, ffcv_dir: Path, args: argparse.Namespace, rounds: int, loaders: list[str],
              device: torch.device) -> list[dict[str, dict[str, float]]]:
     """Images/s of each loader's training source over steady-state epochs, once per ``--repeat``.
@@ -132,7 +175,7 @@ def _measure(root: Path, ffcv_dir: Path, args: argparse.Namespace, rounds: int, 
     """
     sources = {}
     for loader in loaders:
-        cfg = DataConfig(name="tinyimagenet", root=str(root), ffcv_dir=str(ffcv_dir), loader=loader,
+        cfg = DataConfig(name=args.dataset, root=str(root), ffcv_dir=str(ffcv_dir), loader=loader,
                          image_size=args.size, batch_size=args.batch, num_workers=args.workers, augment=args.augment)
         sources[loader] = build_data(cfg, seed=0, rank=0, world=1, device=device).train
     next_epoch = dict.fromkeys(sources, 0)
@@ -170,7 +213,8 @@ def _log_mlflow(params: dict[str, object], rows: dict[str, dict[str, float]], sp
 
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
     mlflow.set_experiment("benchmarks")
-    with mlflow.start_run(run_name="loader_throughput"):
+    with mlflow.start_run(run_name="loader_throughput" if params.get("dataset") == "tinyimagenet"
+                          else f"loader_throughput {params.get('dataset')}"):
         mlflow.log_params(params)
         mlflow.log_metrics({f"{name}_images_per_s": row["images_per_s"] for name, row in rows.items()}
                            | {f"speedup_{name}_over_torch": value for name, value in speedups.items()})

@@ -95,3 +95,56 @@ def test_quickstart_sweep_prints_each_seed_and_the_criteria(tmp_path):
     assert float(cells[7]) == pytest.approx(values[0] - values[1], abs=0.011)  # drop
     assert float(cells[8]) == pytest.approx(values[3] - values[4], abs=0.011)  # gap
     assert any("1 seeds: (a) " in line for line in lines)
+
+
+def test_loader_throughput_imagenet64_times_an_epoch_of_each_loader(tmp_path):
+    """``--dataset imagenet64``: the ImageNet 64x64 pickles, device vs torch with the recipes'
+    rotate_flip, seconds per epoch and the whole-epoch line labelled as computed."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "loader_throughput.py"), "--dataset", "imagenet64",
+                           "--images", "256", "--batch", "64", "--workers", "1", "--augment", "rotate_flip", "--quick",
+                           "--no-mlflow", "--repeat", "2"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("256 images, 64 px pickled pixels, rotate_flip, batch 64"), lines[0]
+    rows = [line.split(" | ")[0].strip("| ") for line in lines if line.startswith("| ") and "---" not in line]
+    assert rows == ["loader", "device", "torch"], lines
+    epoch = next(line for line in lines if line.startswith("seconds per epoch (device 256, torch 256 images, "))
+    found = re.findall(r"(\w+) (\d+\.\d\d) s \(median of 2 runs, (\d+\.\d\d)-(\d+\.\d\d) s\)", epoch)
+    assert [name for name, *_ in found] == ["device", "torch"], epoch
+    for name, middle, low, high in found:
+        assert float(low) <= float(middle) <= float(high), (name, epoch)
+    whole = next(line for line in lines if line.startswith("a whole ImageNet 64x64 epoch (1,281,167 images)"))
+    assert "computed, not measured" in whole and whole.count(" min (median of 2 runs, ") == 2, whole
+    assert re.fullmatch(r"speedup device/torch: \d+\.\dx \(median of 2 runs, \d+\.\d-\d+\.\dx\)", lines[-1]), lines[-1]
+
+
+def test_decode_throughput_table_and_cores_per_gpu_from_its_rates(tmp_path):
+    """decode_throughput.py on a tiny run: the table's columns and paths, per core = images/s /
+    cores, and the cores-per-GPU line computed from the anchor formula and the printed rate."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "decode_throughput.py"), "--quick", "--images", "48",
+                           "--batch", "16", "--sizes", "192", "--cores", "1", "--repeat", "2", "--no-mlflow"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    paths = ["torch"] + (["ffcv-imagenet", "ffcv-jpeg"] if importlib.util.find_spec("ffcv") is not None else [])
+    tables = [line for line in lines if line.startswith("| ") and "---" not in line]
+    assert tables[0] == ("| path | px | cores | images/s, median | range over runs | images/s per core, median "
+                         "| per core, range |"), tables[0]
+    rows = {}
+    for line in tables[1:1 + len(paths)]:
+        path, size, cores, rate, spread, per_core, _ = (cell.strip() for cell in line.strip("|").split("|"))
+        low, high = (float(v.replace(",", "")) for v in spread.split("-"))
+        rate_value = float(rate.replace(",", ""))
+        assert (size, cores) == ("192", "1") and low <= rate_value <= high, line
+        assert float(per_core.replace(",", "")) == pytest.approx(rate_value / int(cores), abs=0.051), line
+        rows[path] = float(per_core.replace(",", ""))
+    assert list(rows) == paths, tables
+    anchor = 16 * 1_281_167 / (14.9 * 60) / 8  # ffcv-imagenet: ResNet-50, 16 epochs in 14.9 min on 8 A100s
+    assert f"= {anchor:,.0f} images/s per GPU" in next(line for line in lines if line.startswith("anchor GPU rate"))
+    for path, per_core in rows.items():
+        line = next(line for line in lines if line.startswith(f"cores per GPU, {path} at 192 px: "))
+        got = re.match(rf"cores per GPU, {path} at 192 px: ([\d,]+) / ([\d,.]+) = (\d+\.\d) ", line)
+        assert got and float(got[2].replace(",", "")) == per_core, line
+        assert float(got[3]) == pytest.approx(anchor / per_core, rel=0.01, abs=0.051), line
+    assert any(line.startswith("Projection (computed, not measured): ") for line in lines)
+    assert sum(line.startswith(f"| {path} | 8 | 64 | ") for path in paths for line in lines) == len(paths)

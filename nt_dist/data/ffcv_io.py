@@ -9,6 +9,17 @@ encoded in parallel (by ffcv's own ``RGBImageField.encode``) but laid out in the
 process in index order. ffcv's ``DatasetWriter`` lets its workers race for pages, so two runs
 over the same data give different bytes; here a rewrite gives the same file. Each file is
 written under a temporary name and renamed into place, so a reader never sees half a file.
+
+Image storage (``settings.write_mode`` in the summary): ``jpg`` (every image JPEG-compressed at
+``jpeg_quality``), ``raw`` (uint8 pixels) or ``proportion`` (``compress_probability`` P: a share P
+of the images JPEG, the rest raw; ffcv-imagenet's ``./write_imagenet.sh 500 0.50 90`` is
+``--preset imagenet``). ffcv's own ``proportion`` mode draws ``np.random.rand() < P`` from
+numpy's global RNG in whichever process encodes the sample, so two runs differ. Here the choice
+is made per sample from a hash of its index instead: sample *i* is JPEG iff
+``(splitmix64(i) >> 11) / 2**53 < P`` (:func:`compresses`: its 53 high bits, a draw in
+[0, 1)), and ffcv's ``jpg`` or ``raw`` encoding is then applied to it. The choice is a function
+of the index alone: the same in both splits' sample *i*, on every rerun and for any ``workers``,
+and numpy's global RNG is left alone.
 """
 
 from __future__ import annotations
@@ -43,40 +54,70 @@ from nt_dist.errors import EXIT_USER_ERROR, UserError
 IMAGE, LABEL = "image", "label"  # field names inside every .beton we write
 SUMMARY = "summary.json"
 COMMAND = "nt-dist data write-ffcv"
+JPEG_QUALITY = 90  # default --jpeg-quality (ffcv's and ffcv-imagenet's)
+# --preset NAME: the writer settings of a known recipe, each used unless given explicitly
+PRESETS: dict[str, dict[str, Any]] = {
+    # ffcv-imagenet's README: ./write_imagenet.sh 500 0.50 90 (max_resolution, compress_probability, jpeg_quality)
+    "imagenet": {"max_res": 500, "compress_probability": 0.5, "jpeg_quality": 90},
+}
+COMPRESS_CHOICE = "jpg iff (splitmix64(sample index) >> 11) / 2**53 < compress_probability"
 
 
 def write_ffcv(dataset_name: str, root: str, out_dir: str, max_res: int | None = None,
-               jpeg_quality: int = 90, raw: bool = False, workers: int = 1) -> dict[str, Any]:
-    """Write both splits of ``dataset_name`` (read from ``root``) and the summary; return it."""
+               jpeg_quality: int = JPEG_QUALITY, raw: bool = False, workers: int = 1,
+               compress_probability: float | None = None) -> dict[str, Any]:
+    """Write both splits of ``dataset_name`` (read from ``root``) and the summary; return it.
+    ``compress_probability`` P: write mode ``proportion`` (a share P JPEG, the rest raw)."""
+    check_settings(max_res, jpeg_quality, raw, compress_probability)  # before reading the data
     datasets = {split: build_dataset(dataset_name, root, split) for split in dataset_spec(dataset_name).splits}
-    return write_splits(dataset_name, datasets, out_dir, max_res, jpeg_quality, raw, workers)
+    return write_splits(dataset_name, datasets, out_dir, max_res, jpeg_quality, raw, workers, compress_probability)
 
 
-def write_splits(dataset_name: str, datasets: dict[str, Any], out_dir: str, max_res: int | None = None,
-                 jpeg_quality: int = 90, raw: bool = False, workers: int = 1) -> dict[str, Any]:
-    """Write ``<split>.beton`` for each map-style dataset of ``(image, label)`` and
-    ``summary.json``; return the summary. The splits share the first one's ``.classes``."""
+def check_settings(max_res: int | None, jpeg_quality: int, raw: bool, compress_probability: float | None) -> None:
+    """One-line UserErrors for writer settings that cannot be written."""
     if max_res is not None and max_res < 1:
         raise UserError(f"--max-res: must be a positive number of pixels (got {max_res})")
     if not 1 <= jpeg_quality <= 100:
         raise UserError(f"--jpeg-quality: must lie in 1..100 (got {jpeg_quality})")
+    if compress_probability is not None:
+        if raw:
+            raise UserError("--compress-probability: stores a share of the images as JPEG, so it cannot "
+                            "go with --raw (drop one of them)")
+        if not 0.0 <= compress_probability <= 1.0:  # also refuses nan
+            raise UserError(f"--compress-probability: must lie in 0..1 (got {compress_probability})")
+
+
+def write_splits(dataset_name: str, datasets: dict[str, Any], out_dir: str, max_res: int | None = None,
+                 jpeg_quality: int = JPEG_QUALITY, raw: bool = False, workers: int = 1,
+                 compress_probability: float | None = None) -> dict[str, Any]:
+    """Write ``<split>.beton`` for each map-style dataset of ``(image, label)`` and
+    ``summary.json``; return the summary. The splits share the first one's ``.classes``."""
+    check_settings(max_res, jpeg_quality, raw, compress_probability)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     classes = next(iter(datasets.values())).classes
-    image_field = RGBImageField(write_mode="raw" if raw else "jpg", max_resolution=max_res,
-                                jpeg_quality=jpeg_quality)
+    proportion = compress_probability is not None
+    write_mode = "proportion" if proportion else "raw" if raw else "jpg"
+    image_field = RGBImageField(write_mode=write_mode, max_resolution=max_res, jpeg_quality=jpeg_quality,
+                                compress_probability=compress_probability if proportion else 0.5)
     splits = {}
     for split, dataset in datasets.items():
-        labels = write_beton(dataset, out / f"{split}.beton", image_field, workers)
-        splits[split] = {"file": f"{split}.beton", "samples": len(labels),
+        path = out / f"{split}.beton"
+        labels = write_beton(dataset, path, image_field, workers)
+        splits[split] = {"file": path.name, "samples": len(labels),
                          "label_histogram": np.bincount(labels, minlength=len(classes)).tolist()}
+        if proportion:
+            splits[split]["jpeg_samples"] = int(np.count_nonzero(image_modes(path) == "jpg"))
+    settings: dict[str, Any] = {"write_mode": write_mode, "max_resolution": max_res,
+                                "jpeg_quality": None if raw else jpeg_quality}
+    if proportion:
+        settings |= {"compress_probability": compress_probability, "compress_choice": COMPRESS_CHOICE}
     summary = {
         "dataset": dataset_name,
         "num_classes": len(classes),
         "classes": list(classes),
         "splits": splits,
-        "settings": {"write_mode": image_field.write_mode, "max_resolution": max_res,
-                     "jpeg_quality": None if raw else jpeg_quality},
+        "settings": settings,
         "format": {"ffcv_beton_version": CURRENT_VERSION, "fields": {IMAGE: "RGBImageField", LABEL: "IntField"}},
     }
     with _atomic(out / SUMMARY) as tmp:
@@ -133,6 +174,34 @@ def check_beton(path: str | os.PathLike[str]) -> int:
     return int(np.fromfile(path, dtype=HeaderType, count=1)[0]["num_samples"])
 
 
+def image_modes(path: str | os.PathLike[str]) -> np.ndarray:
+    """How each sample's image is stored in the ``.beton`` we wrote at ``path``: ``"jpg"`` or
+    ``"raw"`` per sample, in index order (read from the file's metadata)."""
+    path = Path(path)
+    n = check_beton(path)
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    num_fields = int(header["num_fields"])
+    handlers = get_handlers(np.fromfile(path, dtype=FieldDescType, count=num_fields, offset=HeaderType.itemsize))
+    metadata = np.fromfile(path, dtype=get_metadata_type(handlers), count=n,
+                           offset=HeaderType.itemsize + num_fields * FieldDescType.itemsize)
+    return np.array([_MODE_NAMES[int(code)] for code in metadata["f0"]["mode"]])  # f0: IMAGE
+
+
+def compresses(index: int, probability: float) -> bool:
+    """Whether sample ``index`` is stored as JPEG in write mode ``proportion``: a fixed function of
+    the index (splitmix64's finaliser; its 53 high bits as a draw in [0, 1)), so the share of
+    JPEG samples is ``probability`` on average, and ``probability`` 0 and 1 mean none and all."""
+    z = (index + 0x9E3779B97F4A7C15) & _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    z ^= z >> 31
+    return (z >> 11) / float(1 << 53) < probability
+
+
+_U64 = (1 << 64) - 1
+_MODE_NAMES = {0: "jpg", 1: "raw"}  # RGBImageField's metadata "mode" (ffcv.fields.rgb_image.IMAGE_MODES)
+
+
 def main(argv: Sequence[str]) -> int:
     """``nt-dist data write-ffcv``: returns the exit status (2 and one line for user errors)."""
     parser = argparse.ArgumentParser(
@@ -142,20 +211,56 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--out", required=True, help="output folder (train.beton, <eval>.beton, summary.json)")
     parser.add_argument("--max-res", type=int, default=None, help="resize so the longer side is at most N px")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1..100 (default 90)")
+    mode.add_argument("--jpeg-quality", type=int, default=None, help=f"JPEG quality 1..100 (default {JPEG_QUALITY})")
     mode.add_argument("--raw", action="store_true", help="store raw uint8 pixels (bit-exact, larger)")
+    parser.add_argument("--compress-probability", type=float, default=None, metavar="P",
+                        help="store a share P (0..1) of the images as JPEG and the rest raw (ffcv's write_mode "
+                             "proportion; which ones is a fixed function of the sample index)")
+    parser.add_argument("--preset", choices=list(PRESETS), default=None,
+                        help="a recipe's writer settings, each used unless given explicitly; imagenet: "
+                             "ffcv-imagenet's --max-res 500 --compress-probability 0.5 --jpeg-quality 90")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="encoding processes (the output does not depend on it)")
     args = parser.parse_args(list(argv))
+    settings = resolve_settings(args.preset, args.max_res, args.jpeg_quality, args.raw, args.compress_probability)
     try:
-        summary = write_ffcv(args.dataset, args.root, args.out, args.max_res, args.jpeg_quality,
-                             args.raw, max(1, args.workers))
+        check_settings(**settings)
+        print(f"settings: {describe_settings(settings)}" + (f" (preset {args.preset})" if args.preset else ""),
+              flush=True)
+        summary = write_ffcv(args.dataset, args.root, args.out, workers=max(1, args.workers), **settings)
     except UserError as exc:
         print(f"nt-dist: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     counts = ", ".join(f"{split} {info['samples']}" for split, info in summary["splits"].items())
     print(f"wrote {args.out}: {counts} samples, {summary['num_classes']} classes")
     return 0
+
+
+def resolve_settings(preset: str | None, max_res: int | None, jpeg_quality: int | None, raw: bool,
+                     compress_probability: float | None) -> dict[str, Any]:
+    """The keyword settings of :func:`write_ffcv`: each one given explicitly (not None), else the
+    preset's, else the default. ``raw`` is explicit: it drops a preset's JPEG settings (its
+    ``max_res`` still applies)."""
+    chosen = dict(PRESETS[preset]) if preset else {}
+    if raw:
+        chosen.pop("compress_probability", None)
+        chosen.pop("jpeg_quality", None)
+    given = {"max_res": max_res, "jpeg_quality": jpeg_quality, "compress_probability": compress_probability}
+    chosen |= {key: value for key, value in given.items() if value is not None}
+    return {"max_res": chosen.get("max_res"), "jpeg_quality": chosen.get("jpeg_quality", JPEG_QUALITY), "raw": raw,
+            "compress_probability": chosen.get("compress_probability")}
+
+
+def describe_settings(settings: dict[str, Any]) -> str:
+    """One line: ``write_mode proportion, compress_probability 0.5, jpeg_quality 90, max_res 500``."""
+    mode = "proportion" if settings["compress_probability"] is not None else "raw" if settings["raw"] else "jpg"
+    parts = [f"write_mode {mode}"]
+    if mode == "proportion":
+        parts.append(f"compress_probability {settings['compress_probability']:g}")
+    if mode != "raw":
+        parts.append(f"jpeg_quality {settings['jpeg_quality']}")
+    parts.append(f"max_res {settings['max_res'] or 'none (stored size)'}")
+    return ", ".join(parts)
 
 
 # --- encoding ------------------------------------------------------------------------------
@@ -186,7 +291,13 @@ def _encode_in_worker(index: int) -> Encoded:
 
 
 def _encode(dataset: Any, image_field: RGBImageField, index: int) -> Encoded:
-    """ffcv's own encoding of one sample, with its one allocation captured instead of placed."""
+    """ffcv's own encoding of one sample, with its one allocation captured instead of placed.
+    In write mode ``proportion`` the sample's mode is :func:`compresses` of its index, and ffcv's
+    ``jpg`` or ``raw`` encoding is applied (ffcv's own draw would use numpy's global RNG)."""
+    if image_field.write_mode == "proportion":
+        mode = "jpg" if compresses(index, image_field.proportion) else "raw"
+        image_field = RGBImageField(write_mode=mode, max_resolution=image_field.max_resolution,
+                                    jpeg_quality=image_field.jpeg_quality)
     image, label = dataset[index]
     record = np.zeros(1, dtype=image_field.metadata_type)
     blobs: list[np.ndarray] = []
