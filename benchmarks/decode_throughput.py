@@ -39,7 +39,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -52,7 +51,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: nt_dist, when not installed
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stats import median_range  # noqa: E402
+from stats import cpu_name, median_range  # noqa: E402
 
 WIDTH, HEIGHT, QUALITY, ALPHA = 400, 350, 90, 1.35  # the generated JPEGs
 CLASSES = 10
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     load_by_cores = ", ".join(f"{cores} core(s) {results[cores]['load_before']:.1f} -> {results[cores]['load']:.1f}"
                               for cores in args.cores)
     print(f"\n{n_images} images {WIDTH}x{HEIGHT} px, JPEG q{QUALITY} (mean {jpeg_kb:.0f} KB; 1/f^{ALPHA} colour noise), "
-          f"rrc_flip, batch {args.batch}, {os.cpu_count()} CPUs ({_cpu_name()}), load average {load} "
+          f"rrc_flip, batch {args.batch}, {os.cpu_count()} CPUs ({cpu_name()}), load average {load} "
           f"({load_by_cores}; prepare: {prepare_s:.0f} s); median of {n_runs} runs")
     for path in paths:
         print(f"  {path}: {PATHS[path][2]}")
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         params = {"images": n_images, "image": f"{WIDTH}x{HEIGHT} JPEG q{QUALITY}", "jpeg_kb": round(jpeg_kb, 1),
                   "source": f"colour noise, 1/f^{ALPHA} amplitude spectrum", "sizes": " ".join(map(str, args.sizes)),
                   "cores": " ".join(map(str, args.cores)), "batch": args.batch, "augment": "rrc_flip",
-                  "quick": args.quick, "repeat": n_runs, "cpus": os.cpu_count(), "cpu": _cpu_name(),
+                  "quick": args.quick, "repeat": n_runs, "cpus": os.cpu_count(), "cpu": cpu_name(),
                   "load_average": load, "torch": version("torch"),
                   "ffcv": version("ffcv") if _ffcv_importable() else "-"}
         _log_mlflow(params, rows, statements)
@@ -342,13 +341,6 @@ def _ffcv_importable() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    return names[0] if names else platform.machine()
 
 
 if __name__ == "__main__":

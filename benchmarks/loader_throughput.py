@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ from nt_dist.data import build_data
 from nt_dist.data.synthetic import digit_images, write_tinyimagenet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stats import median_range, summary  # noqa: E402
+from stats import cpu_name, median_range, summary  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where training would run
 EPOCHS_PER_ROUND = {"torch": 1, "ffcv": 3, "device": 3}  # the fast loaders' epochs are several times shorter
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     params = {"size": args.size, "workers": args.workers, "batch": args.batch, "images": n_images,
               "quick": args.quick, "augment": args.augment, "beton": "jpg q90" if "ffcv" in rows else "-",
               "source": _source(args), "dataset": args.dataset,
-              "cpus": os.cpu_count(), "cpu": _cpu_name(), "device": _device_name(DEVICE), "repeat": len(runs), "load_average": f"{load_before:.1f}->{load_after:.1f}",
+              "cpus": os.cpu_count(), "cpu": cpu_name(), "device": _device_name(DEVICE), "repeat": len(runs), "load_average": f"{load_before:.1f}->{load_after:.1f}",
               "torch": torch.__version__, "ffcv": version("ffcv") if "ffcv" in rows else "-"}
     if not args.no_mlflow:
         _log_mlflow(params, rows, speedups)
@@ -221,14 +220,7 @@ def _log_mlflow(params: dict[str, object], rows: dict[str, dict[str, float]], sp
 
 
 def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({_cpu_name()})"
-
-
-def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    return names[0] if names else platform.machine()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})"
 
 
 if __name__ == "__main__":

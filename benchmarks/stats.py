@@ -23,3 +23,14 @@ def summary(values: Sequence[float], fmt: str = "{:.2f}", unit: str = "") -> str
     if len(values) == 1:
         return f"{fmt.format(middle)}{unit} (1 run)"
     return f"{fmt.format(middle)}{unit} (median of {len(values)} runs, {fmt.format(low)}-{fmt.format(high)}{unit})"
+
+
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``'s first ``model name``), else the machine type."""
+    import platform
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return names[0] if names else platform.machine()
