@@ -21,6 +21,7 @@ import yaml
 from pydantic import ConfigDict, Field, field_validator
 from pydantic.dataclasses import dataclass
 
+from nt_dist.data.resolution import EVAL_CROP_RATIO
 from nt_dist.data.specs import DATASETS, AugmentMode, LoaderName
 from nt_dist.errors import UserError
 from nt_dist.yamlio import DuplicateKey, read_yaml_file, safe_load
@@ -115,7 +116,7 @@ class DataConfig:
     res_step: int = Field(default=32, ge=1, le=4096)  # interpolated resolutions are multiples of this
     eval_image_size: int = Field(default=0, ge=0, le=4096)  # evaluation resolution; 0: image_size
     # rrc_flip evaluation: centre crop of this share of the shorter side, resized to eval_image_size (224/256)
-    eval_crop_ratio: float = Field(default=0.875, gt=0, le=1)
+    eval_crop_ratio: float = Field(default=EVAL_CROP_RATIO, gt=0, le=1)
     batch_size: int = Field(default=64, ge=1, le=65536)  # per process
     eval_batch_size: int = Field(default=256, ge=1, le=65536)  # per process
     num_workers: int = Field(default=0, ge=0, le=512)

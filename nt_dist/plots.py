@@ -209,7 +209,7 @@ def responses(normal: Path, nasty: Path, *, tau: float | None = None, count: int
     classes = num_classes_of(dataset)
     indices = pick_indices(dataset.targets, count, seed)
     transform = build_transform(name, common["augment"], common["image_size"], train=False,
-                                crop_ratio=common.get("crop_ratio", EVAL_CROP_RATIO))
+                                crop_ratio=common["crop_ratio"])
     samples = [dataset[i] for i in indices]
     pixels = torch.stack([transform(image) for image, _ in samples])  # uint8 [N, 3, H, W]
     images = Normalise(name, torch.device("cpu"))(pixels)

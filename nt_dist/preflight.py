@@ -30,7 +30,7 @@ def validate(recipe: Recipe, source: str, *, frozen_files: bool = False) -> None
 
 
 def check_networks(recipe: Recipe, source: str) -> None:
-    from nt_dist.models import UnknownModelError, create_model, model_options, refused_options
+    from nt_dist.models import build_model
     from nt_dist.objectives import objective_for
 
     named = [("model.name", recipe.model.name)]
@@ -41,17 +41,11 @@ def check_networks(recipe: Recipe, source: str) -> None:
     # every resolution the network will see: the training one, the ramp's first (data.min_res), evaluation's
     sizes = sorted({data.image_size, data.min_res or data.image_size, data.eval_image_size or data.image_size})
     for key, name in named:
-        options = model_options(recipe.model.blurpool, recipe.model.timm_kwargs) if key == "model.name" else {}
-        try:
+        # the recipe's options go to its own network; a frozen one is built with those its file records
+        options = {"blurpool": recipe.model.blurpool, "timm_kwargs": recipe.model.timm_kwargs} if key == "model.name" else {}
+        try:  # an unknown name or a refused option: build_model's one line, naming the recipe key
             with torch.device("meta"):
-                model = create_model(name, num_classes=recipe.model.num_classes or 10, **options)
-        except UnknownModelError as exc:
-            raise UserError(f"{source}: {key}: {exc}") from None
-        except TypeError as exc:  # an option the model does not take
-            if not options:
-                raise
-            raise UserError(f"{source}: {refused_options(name, recipe.model.blurpool, recipe.model.timm_kwargs, exc)}"
-                            ) from None
+                model = build_model(name, recipe.model.num_classes or 10, f"{source}: {key}", **options)
         except NotImplementedError:  # a model that cannot be built on the meta device: checked at run time
             continue
         for size in sizes:

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from nt_dist.config import DataConfig
 
+EVAL_CROP_RATIO = 0.875  # the default data.eval_crop_ratio: 224 of 256, ffcv-imagenet's DEFAULT_CROP_RATIO
+
 
 @dataclass(frozen=True)
 class ResolutionSchedule:

@@ -15,10 +15,8 @@ from typing import Any
 import torch
 import torchvision.transforms.v2 as T
 
-from nt_dist.data.resolution import ResolutionSchedule
+from nt_dist.data.resolution import EVAL_CROP_RATIO, ResolutionSchedule
 from nt_dist.data.specs import dataset_spec
-
-EVAL_CROP_RATIO = 0.875  # the default data.eval_crop_ratio: 224 of 256
 
 
 def normalisation(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

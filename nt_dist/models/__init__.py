@@ -96,10 +96,5 @@ def build_model(name: str, num_classes: int, key: str = "model.name", *, blurpoo
         if not options:
             raise
         where = key.removesuffix("model.name") if key.endswith("model.name") else f"{key}: "  # the recipe file
-        raise UserError(f"{where}{refused_options(name, blurpool, timm_kwargs, exc)}") from None
-
-
-def refused_options(name: str, blurpool: bool, timm_kwargs: dict[str, Any] | None, exc: Exception) -> str:
-    """The keys and options model ``name`` refused (``exc``: its TypeError), as an error names them."""
-    keys = " / ".join(k for k, on in (("model.blurpool", blurpool), ("model.timm_kwargs", bool(timm_kwargs))) if on)
-    return f"{keys}: {name!r} does not take {', '.join(sorted(model_options(blurpool, timm_kwargs)))} ({exc})"
+        keys = " / ".join(k for k, on in (("model.blurpool", blurpool), ("model.timm_kwargs", bool(timm_kwargs))) if on)
+        raise UserError(f"{where}{keys}: {name!r} does not take {', '.join(sorted(options))} ({exc})") from None
