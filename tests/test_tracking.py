@@ -250,8 +250,14 @@ def test_a_moved_store_keeps_its_artifacts_in_the_ui(tmp_path: Path):
         commands = [" ".join(p.cmdline()) for p in processes]
         assert not any("huey" in c or "_job_runner" in c for c in commands), commands
         assert len(processes) <= 2, commands  # the mlflow CLI and its one uvicorn worker
-        printed = log.read_text()
-        assert f"MLflow UI on http://127.0.0.1:{port}" in printed
+        # The server answers before `nt-dist ui` sees /health and prints its lines (one write): wait for them.
+        want = f"MLflow UI on http://127.0.0.1:{port}"
+        deadline, printed = time.time() + 60, log.read_text()
+        while want not in printed and time.time() < deadline:
+            assert proc.poll() is None, printed
+            time.sleep(0.2)
+            printed = log.read_text()
+        assert want in printed
         assert (f"portable: http://127.0.0.1:{port}/#/experiments/1/runs?viewStateShareKey=nt-dist"
                 "&workflowType=machine_learning") in printed
     finally:
