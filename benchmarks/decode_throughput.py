@@ -223,6 +223,7 @@ def _child(spec_path: Path) -> int:
     import torch
 
     from nt_dist.config import DataConfig
+    from nt_dist.data import build_data
 
     spec = json.loads(spec_path.read_text())
     cores = spec["cores"]
@@ -236,14 +237,7 @@ def _child(spec_path: Path) -> int:
                              ffcv_dir=str(Path(spec["base"]) / folder) if folder else "", augment="rrc_flip",
                              image_size=size, batch_size=spec["batch"], eval_batch_size=spec["batch"],
                              num_workers=cores)
-            if loader == "ffcv":
-                from nt_dist.data.ffcv_loader import build_ffcv_data
-
-                bundle = build_ffcv_data(cfg, 0, 0, 1, cpu)
-            else:
-                from nt_dist.data.torch_loader import build_torch_data
-
-                bundle = build_torch_data(cfg, 0, 0, 1, cpu)
+            bundle = build_data(cfg, seed=0, rank=0, world=1, device=cpu)
             _KEEP.append(bundle)
             sources[f"{path}/{size}"] = bundle.train
     epochs = dict.fromkeys(sources, 0)

@@ -196,7 +196,7 @@ def load_frozen_model(
     if meta.get("num_classes") and int(meta["num_classes"]) != num_classes:
         raise UserError(f"{key}: {path} has {meta['num_classes']} classes but the data set has {num_classes}")
     options = recorded_options(meta, path, key)  # the network the weights were trained as (model.blurpool, ...)
-    model = create(name, num_classes, **options) if options else create(name, num_classes)
+    model = create(name, num_classes, **options)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
@@ -214,11 +214,13 @@ def recorded_options(meta: dict[str, str], path: Path, key: str) -> dict[str, An
     text = meta.get("model_options", "")
     if not text:
         return {}
+    from nt_dist.models import OPTIONS
+
     try:
         options = json.loads(text)
     except ValueError:
         options = None
-    if not isinstance(options, dict) or set(options) - {"blurpool", "timm_kwargs"}:
+    if not isinstance(options, dict) or set(options) - set(OPTIONS):
         raise UserError(f"{key}: {path}: corrupt metadata: model_options is {text!r}")
     return options
 

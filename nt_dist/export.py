@@ -11,9 +11,11 @@ import json
 from typing import TYPE_CHECKING
 
 from nt_dist import __version__, checkpoint, rundir
+from nt_dist.data.resolution import eval_size
 from nt_dist.engine import model_state
 from nt_dist.errors import RunError
 from nt_dist.fileio import atomic_write_text
+from nt_dist.models import recipe_options
 from nt_dist.tracking import experiment_of
 
 if TYPE_CHECKING:
@@ -35,11 +37,11 @@ def export_run(run: Run, metrics: dict[str, float]) -> None:
                 "mlflow_experiment": experiment_of(recipe.tracking) if recipe.tracking.enabled else "",
                 "mlflow_experiment_id": run.tracker.experiment_id,
                 "test_top1": f"{metrics.get('test_top1', float('nan')):.4f}"}
-        options = {k: v for k, v in (("blurpool", recipe.model.blurpool), ("timm_kwargs", recipe.model.timm_kwargs)) if v}
+        options = recipe_options(recipe.model)
         if options:  # a frozen network built from this file is built as it was trained
             meta["model_options"] = json.dumps(options, sort_keys=True)
         if recipe.data.eval_image_size or recipe.data.augment == "rrc_flip":  # how plot-logits evaluates it
-            meta["eval_image_size"] = recipe.data.eval_image_size or recipe.data.image_size
+            meta["eval_image_size"] = eval_size(recipe.data)
             meta["eval_crop_ratio"] = f"{recipe.data.eval_crop_ratio:g}"
         if recipe.run.role == "nasty":  # plot-logits shows a nasty teacher at the τ_A it was trained with
             meta["tau_a"] = f"{recipe.nasty.tau:g}"

@@ -30,7 +30,8 @@ def validate(recipe: Recipe, source: str, *, frozen_files: bool = False) -> None
 
 
 def check_networks(recipe: Recipe, source: str) -> None:
-    from nt_dist.models import build_model
+    from nt_dist.data.resolution import eval_size
+    from nt_dist.models import build_model, recipe_options
     from nt_dist.objectives import objective_for
 
     named = [("model.name", recipe.model.name)]
@@ -39,10 +40,10 @@ def check_networks(recipe: Recipe, source: str) -> None:
         named.append((frozen.architecture_key, frozen.architecture(recipe)))
     data = recipe.data
     # every resolution the network will see: the training one, the ramp's first (data.min_res), evaluation's
-    sizes = sorted({data.image_size, data.min_res or data.image_size, data.eval_image_size or data.image_size})
+    sizes = sorted({data.image_size, data.min_res or data.image_size, eval_size(data)})
     for key, name in named:
         # the recipe's options go to its own network; a frozen one is built with those its file records
-        options = {"blurpool": recipe.model.blurpool, "timm_kwargs": recipe.model.timm_kwargs} if key == "model.name" else {}
+        options = recipe_options(recipe.model) if key == "model.name" else {}
         try:  # an unknown name or a refused option: build_model's one line, naming the recipe key
             with torch.device("meta"):
                 model = build_model(name, recipe.model.num_classes or 10, f"{source}: {key}", **options)

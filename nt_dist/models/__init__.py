@@ -64,10 +64,18 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
 
 
+OPTIONS = ("blurpool", "timm_kwargs")  # build_model's keyword options: the recipe keys model.<option>
+
+
+def recipe_options(cfg: ModelConfig) -> dict[str, Any]:
+    """The :data:`OPTIONS` a recipe's ``model`` section sets (those not at their default), as
+    keyword arguments of :func:`build_model`; what an export records as ``model_options``."""
+    return {name: getattr(cfg, name) for name in OPTIONS if getattr(cfg, name)}
+
+
 def build_recipe_model(cfg: ModelConfig, num_classes: int, source: str) -> nn.Module:
     """The network a recipe's ``model`` section names, with its options; errors name ``source``."""
-    return build_model(cfg.name, num_classes, f"{source}: model.name", blurpool=cfg.blurpool,
-                       timm_kwargs=cfg.timm_kwargs)
+    return build_model(cfg.name, num_classes, f"{source}: model.name", **recipe_options(cfg))
 
 
 def model_options(blurpool: bool = False, timm_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
